@@ -1,0 +1,1 @@
+"""trimode's engine: tri-mode model, paged KV cache, scheduler and decoders. Speaks token ids only."""

@@ -1,0 +1,61 @@
+"""EngineConfig: every engine knob, with its default and a comment; unknown keys are errors.
+
+Loaded from the `[engine]` table of a TOML preset in `configs/` and overridden by command-line flags. Derived
+values (the number of KV blocks) are computed by the runner and logged, never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MODES = ("ar", "diffusion", "self_spec")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint directory; None = the built-in trimode-tiny
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    seed: int = 0  # engine-wide RNG seed for unseeded sampling
+    kv_block_size: int = 16  # tokens per KV page
+    num_kv_tokens: int = 65536  # CPU: KV pool size in tokens
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of GPU memory for weights + KV + activations
+    max_model_len: int | None = None  # context limit; None = min(max_position_embeddings, KV pool)
+    max_num_seqs: int = 64  # running sequences at most
+    max_num_batched_tokens: int = 2048  # query tokens per forward at most (prefill is chunked to fit)
+    default_mode: str = "ar"  # mode when a request names none (tri-mode checkpoints only; plain LMs: ar)
+    default_block_length: int | None = None  # None = the checkpoint's block_size
+    allowed_block_lengths: tuple[int, ...] = (4, 8, 16, 32, 64)  # block_length values a request may ask for
+    default_threshold: float = 0.9  # diffusion confidence threshold when a request gives none
+    draft_lora: bool = True  # self_spec drafts use linear_spec_lora/ when the checkpoint ships it
+    diffusion_lora: bool = False  # diffusion denoise forwards also use the draft LoRA
+    use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
+
+    def __post_init__(self) -> None:
+        checks = {
+            "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "kv_block_size": self.kv_block_size >= 1,
+            "num_kv_tokens": self.num_kv_tokens >= self.kv_block_size,
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 1,
+            "default_mode": self.default_mode in MODES,
+            "allowed_block_lengths": len(self.allowed_block_lengths) > 0
+            and all(b >= 2 for b in self.allowed_block_lengths),
+            "default_threshold": 0 < self.default_threshold <= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"engine config: invalid {name}={getattr(self, name)!r}")
+        object.__setattr__(self, "allowed_block_lengths", tuple(self.allowed_block_lengths))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EngineConfig:
+        """Build from a TOML table; unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"engine config: unknown key(s) {', '.join(unknown)}")
+        return cls(**raw)

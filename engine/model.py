@@ -1,0 +1,215 @@
+"""The Mistral-class transformer behind every checkpoint trimode serves.
+
+Nemotron-Labs-Diffusion is a Ministral-3 backbone (`encoder.*`) plus an untied `diffusion_head`, the only LM head
+for AR and diffusion logits alike; plain Llama/Mistral checkpoints (`model.*`, `lm_head` or tied embeddings) map
+onto the same modules at load time. Tokens are flattened across the batch (`[T]`, ragged, no padding): the model
+sees `(input_ids, positions, ctx)` and all attention metadata travels in `ctx`, an `AttentionContext` that owns
+the attention pattern (causal and writing KV, or bidirectional and read-only) and whether the draft LoRA on
+`o_proj` is on. The kind of pass is therefore an argument of each forward, never module state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model_config import ModelConfig, RopeConfig
+
+
+class AttentionContext(Protocol):
+    """What a forward needs besides token ids and positions (see `engine/attention.py`)."""
+
+    draft_lora: bool
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] after RoPE -> attention output [T, Hq, D]."""
+        ...
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin attention factor, ported from transformers' `default` and `yarn` inits."""
+    dim = head_dim
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if rope.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    factor = rope.factor
+    orig = rope.original_max_position_embeddings
+    if factor is None or orig is None:
+        raise ValueError("yarn rope needs 'factor' and 'original_max_position_embeddings'")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LoRALinear(nn.Linear):
+    """`o_proj` with an optional draft-only LoRA (`y = W x + scale * B(A x)`), applied when the context asks."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.lora_A: nn.Parameter | None = None  # [r, in]
+        self.lora_B: nn.Parameter | None = None  # [out, r]
+        self.lora_scale = 0.0
+
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.lora_A = nn.Parameter(a.to(self.weight.dtype), requires_grad=a.requires_grad)
+        self.lora_B = nn.Parameter(b.to(self.weight.dtype), requires_grad=b.requires_grad)
+        self.lora_scale = scale
+
+    def forward_lora(self, x: torch.Tensor, use_lora: bool) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if use_lora and self.lora_A is not None:
+            y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim  # NOTE: never hidden / heads: 3B and 14B differ
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = LoRALinear(self.num_heads * self.head_dim, cfg.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        cos: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,  # [T, D]
+        q_scale: torch.Tensor | None,  # [T, 1, 1] Llama-4 query scale, None below the threshold
+        ctx: AttentionContext,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
+        out = ctx.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
+        return self.o_proj.forward_lora(out.reshape(t, -1), ctx.draft_lora)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, D]; rotate-half convention as Llama / transformers
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, q_scale, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Encoder(nn.Module):
+    """The Ministral-3 stack (`encoder.*` in NLD checkpoints, `model.*` in plain ones)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TriModeModel(nn.Module):
+    """`forward(input_ids [T], positions [T], ctx)` -> final hidden states [T, H]; `logits(h)` applies the head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.diffusion_head.weight = self.encoder.embed_tokens.weight
+        inv_freq, attn_factor = rope_inv_freq(cfg.rope, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_factor = attn_factor
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+    def query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
+        beta = self.cfg.rope.llama_4_scaling_beta
+        orig = self.cfg.rope.original_max_position_embeddings
+        if beta is None or orig is None:
+            return None
+        # 1 + beta * ln(1 + floor(pos / orig)); exactly 1.0 below `orig`, so skipping it there changes nothing
+        if int(positions.max()) < orig:
+            return None
+        scale = 1 + beta * torch.log(1 + torch.floor(positions.float() / orig))
+        return scale[:, None, None]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.encoder.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rope(positions, h.dtype)
+        q_scale = self.query_scale(positions)
+        for layer in self.encoder.layers:
+            h = layer(h, cos, sin, q_scale, ctx)
+        return self.encoder.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_head(hidden).float()  # [N, V]

@@ -1,0 +1,129 @@
+"""Per-request types: SamplingParams (what the user asked), Sequence (engine state), RequestOutput (what leaves).
+
+Invariant after prefill, in every mode: `num_computed_tokens == len(token_ids) - 1`. The newest emitted token
+(the seed) is the only one whose K/V is not yet committed; tentative tokens (diffusion blocks being denoised,
+self_spec drafts) live in the decoder's `state`, never in `token_ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from engine.config import MODES
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding knobs. `None` means "the engine's default" for the mode knobs."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    mode: str | None = None  # ar | diffusion | self_spec
+    steps: int | None = None  # diffusion: refinement-step budget per block (1..block_length); None = block_length
+    block_length: int | None = None  # diffusion / self_spec block length L; None = engine default
+    threshold: float | None = None  # diffusion: commit confidence in (0, 1]; self_spec: None = one-shot draft
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.block_length is not None and self.block_length < 2:
+            raise ValueError(f"block_length must be >= 2, got {self.block_length}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps is not None and self.block_length is not None and self.steps > self.block_length:
+            raise ValueError(f"steps must be <= block_length ({self.block_length}), got {self.steps}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt + emitted output
+    num_prompt_tokens: int
+    params: SamplingParams  # resolved: mode, block_length and steps are never None here
+    stop_ids: frozenset[int]  # EOS set (unless ignore_eos) + stop_token_ids
+    arrival_time: float = 0.0
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V is committed in the cache
+    block_table: list[int] = field(default_factory=list)
+    state: Any = None  # decoder-owned per-mode state (current block, drafts, ...)
+    finish_reason: str | None = None  # stop | length | abort
+    stop_reason: int | None = None  # the stop token id that ended it (None for EOS, as vLLM)
+    num_forwards: int = 0  # every forward this sequence took part in, prefill included
+    num_decode_forwards: int = 0  # forwards after prefill (tokens per forward = output tokens / this)
+    last_scheduled: int = -1  # engine step it last ran in (groups take turns by age)
+    generator: Any = None  # torch.Generator when seeded
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens whose K/V prefill must compute: the prompt, or after preemption everything but the seed."""
+        return len(self.token_ids) - (1 if self.num_output_tokens else 0)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.prefill_target
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step says about one request: tokens emitted this step, and the end if it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None  # None while running; stop | length | abort
+    stop_reason: int | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_forwards: int
+    num_decode_forwards: int
+    mode: str
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StepStats:
+    """Counters from one engine step, for /metrics (plain ints; the server accumulates them)."""
+
+    forward_kind: str | None = None  # prefill | ar_decode | denoise | commit | draft | verify
+    batch_size: int = 0
+    num_query_tokens: int = 0
+    decode_forwards_by_mode: dict[str, int] = field(default_factory=dict)  # mode -> sequences in the forward
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0  # excludes the bonus token, as vLLM
+    denoise_steps_per_block: list[int] = field(default_factory=list)  # one entry per finished diffusion block
+    num_preemptions: int = 0
