@@ -75,7 +75,8 @@ class Sequence:
     num_forwards: int = 0  # every forward this sequence took part in, prefill included
     num_decode_forwards: int = 0  # forwards after prefill (tokens per forward = output tokens / this)
     last_scheduled: int = -1  # engine step it last ran in (groups take turns by age)
-    generator: Any = None  # torch.Generator when seeded
+    generator: Any = None  # torch.Generator for sampling (seeded per request, or from the engine's RNG)
+    sample_after_prefill: bool = True  # the prefill's last logit gives the next token (False after preemption)
 
     @property
     def num_output_tokens(self) -> int:
@@ -88,7 +89,7 @@ class Sequence:
     @property
     def prefill_target(self) -> int:
         """Tokens whose K/V prefill must compute: the prompt, or after preemption everything but the seed."""
-        return len(self.token_ids) - (1 if self.num_output_tokens else 0)
+        return len(self.token_ids) - (0 if self.sample_after_prefill else 1)
 
     @property
     def is_prefilling(self) -> bool:

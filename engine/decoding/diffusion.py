@@ -1,0 +1,75 @@
+"""`diffusion`: block diffusion with an AR seed, as the reference `generate` (causal_context=True).
+
+Per block of length L: `[seed, MASK x (L-1)]`, where the seed is the token sampled by the prefill or by the
+previous block's commit. Bidirectional read-only denoise forwards each commit the most confident masked position,
+every other one whose confidence reaches `threshold`, and at least `ceil(masks_left / steps_left)` so the block
+always resolves within `steps` forwards (`steps = L` is the reference schedule without a threshold: one token per
+step; `steps = 1` fills the block at once). Committed tokens are final (no remasking). Denoising stops early once a
+stop token is in the block with no mask before it. The resolved block is emitted at once; then one causal commit
+forward writes its K/V and its last logit gives the next seed. A block that ends the request (stop token,
+`max_tokens`) skips the commit forward, which could only produce tokens that are cut anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome
+from engine.sampling import denoise_pick, sample
+from engine.sequence import Sequence
+
+
+@dataclass
+class DiffusionState:
+    block: list[int]  # [seed, ...]; undecided positions hold the mask id
+    steps_done: int = 0
+    resolved: bool = False  # denoising finished; the commit forward is next
+
+
+def commit_count(num_masked: int, steps_left: int, confident: int, threshold: float | None) -> int:
+    """How many masked positions one denoise step commits."""
+    need = -(-num_masked // max(steps_left, 1))  # finish within the step budget
+    if threshold is None:
+        return min(num_masked, need)
+    return min(num_masked, max(1, need, confident))
+
+
+class BlockDiffusion:
+    def next_forward(self, seq: Sequence, env: DecodeEnv) -> ForwardRequest:
+        p = seq.params
+        assert p.block_length is not None and p.steps is not None
+        if seq.state is None:
+            seq.state = DiffusionState([seq.token_ids[-1]] + [env.mask_id] * (p.block_length - 1))
+        st: DiffusionState = seq.state
+        if st.resolved:
+            return ForwardRequest("commit", ForwardKind.CAUSAL, list(st.block), group=(p.block_length,))
+        return ForwardRequest("denoise", ForwardKind.BIDIR, list(st.block), all_logits=True,
+                              draft_lora=env.diffusion_lora, group=(p.steps, p.block_length))
+
+    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, env: DecodeEnv) -> Outcome:
+        st: DiffusionState = seq.state
+        if req.name == "commit":
+            seq.state = None
+            seed = sample(logits[-1:], seq.params, seq.generator, env.mask_id)
+            return Outcome(seed, num_kv_kept=len(req.token_ids))
+        p = seq.params
+        block = st.block
+        masked = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
+        x0, conf = denoise_pick(logits[masked], p, seq.generator, env.mask_id)  # rows of masked positions
+        confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
+        n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
+        order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
+        for j in order:
+            block[masked[j]] = int(x0[j])
+        st.steps_done += 1
+        remaining = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
+        first_stop = next((i for i, t in enumerate(block) if i > 0 and t in seq.stop_ids), None)
+        if first_stop is not None and all(i > first_stop for i in remaining):
+            st.resolved = True
+            return Outcome(block[1:first_stop + 1], denoise_steps=st.steps_done)
+        if not remaining:
+            st.resolved = True
+            return Outcome(block[1:], denoise_steps=st.steps_done)
+        return Outcome([])

@@ -1,0 +1,224 @@
+"""Engine: add / abort / step over the scheduler, the runner and the decoders. Single-threaded, token ids only.
+
+`step()` runs at most one forward: the scheduler picks a homogeneous batch, the runner returns its logit rows,
+each sequence's decoder turns them into an Outcome, and postprocess applies it once for every mode: append the
+tokens, cut at the first stop id, trim to `max_tokens`, advance `num_computed_tokens` by the K/V kept, crop
+rejected K/V, free the blocks of finished sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome
+from engine.runner import ModelRunner
+from engine.sampling import sample
+from engine.scheduler import Batch, Scheduler
+from engine.sequence import RequestOutput, SamplingParams, Sequence, StepStats
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger("trimode.engine")
+
+BUILTIN_MODEL = Path(__file__).parent / "builtin" / "trimode-tiny"
+
+
+def default_model_path() -> str:
+    if not (BUILTIN_MODEL / "config.json").exists():
+        raise FileNotFoundError(f"the built-in model is missing: {BUILTIN_MODEL}/config.json")
+    return str(BUILTIN_MODEL)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        path = config.model or default_model_path()
+        self.runner = ModelRunner(config, path)
+        info = self.runner.info
+        self.model_config = info.config
+        self.model_name = Path(path).resolve().name
+        self.is_trimode = info.config.is_trimode
+        self.tokenizer = load_tokenizer(path)
+        stop = list(info.stop_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            stop.append(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(dict.fromkeys(stop))
+        self.mask_token_id = info.config.mask_token_id
+        if self.mask_token_id is None and self.tokenizer is not None:
+            self.mask_token_id = self.tokenizer.mask_token_id
+        pool_tokens = self.runner.blocks.num_blocks * self.runner.block_size
+        limit = config.max_model_len or info.config.max_position_embeddings
+        self.max_model_len = min(limit, pool_tokens)
+        self.default_block_length = config.default_block_length or info.config.block_size
+        self.env = DecodeEnv(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
+                             diffusion_lora=config.diffusion_lora and info.has_draft_lora)
+        self.scheduler = Scheduler(self.runner.blocks, self.env, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.last_stats = StepStats()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    # ---- request intake -------------------------------------------------------------------------------------
+    @property
+    def allowed_block_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.config.allowed_block_lengths, self.model_config.block_size}))
+
+    def resolve_params(self, params: SamplingParams) -> SamplingParams:
+        """Fill the mode knobs' defaults and check them against this engine; ValueError names the field."""
+        mode = params.mode or (self.config.default_mode if self.is_trimode else "ar")
+        if mode != "ar" and not self.is_trimode:
+            raise ValueError(f"mode '{mode}' needs a tri-mode checkpoint; {self.model_name} serves only 'ar'")
+        block = params.block_length or self.default_block_length
+        if block not in self.allowed_block_lengths:
+            raise ValueError(f"block_length must be one of {list(self.allowed_block_lengths)}, got {block}")
+        steps = params.steps or block
+        if steps > block:
+            raise ValueError(f"steps must be <= block_length ({block}), got {steps}")
+        threshold = params.threshold
+        if mode == "diffusion" and threshold is None:
+            threshold = self.config.default_threshold
+        return dataclasses.replace(params, mode=mode, block_length=block, steps=steps, threshold=threshold)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run: empty or out-of-vocabulary prompts, and context overflow."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})")
+        n, m = len(prompt_token_ids), params.max_tokens
+        assert params.block_length is not None
+        # diffusion denoises whole blocks, so it needs room for the last block in full
+        need = -(-m // params.block_length) * params.block_length if params.mode == "diffusion" else m
+        if n + need > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{m} output tokens and your prompt contains {n} input tokens, for a total of {n + need} tokens"
+                f"{' (whole diffusion blocks)' if need != m else ''}. Please reduce the length of the input "
+                f"prompt or the number of requested output tokens. (parameter=input_tokens, value={n})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request_id '{request_id}' is already running")
+        params = self.resolve_params(params)
+        self.check_request(prompt_token_ids, params)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        gen = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, frozenset(stop),
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time, generator=gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request at once and free its KV blocks; no output follows."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            seq.finish_reason = "abort"
+            self.scheduler.remove(seq)
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward (or nothing when idle) and return what each touched request emitted."""
+        preempted_before = self.scheduler.num_preemptions
+        batch = self.scheduler.schedule()
+        stats = StepStats()
+        self.last_stats = stats
+        if batch is None:
+            stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
+            return []
+        logits = self.runner.run(batch)
+        stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.name, len(batch.seqs), \
+            batch.num_query_tokens
+        outputs = []
+        for seq, req, rows in zip(batch.seqs, batch.requests, logits):
+            seq.num_forwards += 1
+            if req.name == "prefill":
+                outcome = self._consume_prefill(seq, req, rows)
+            else:
+                seq.num_decode_forwards += 1
+                stats.decode_forwards_by_mode[seq.params.mode] = stats.decode_forwards_by_mode.get(
+                    seq.params.mode, 0) + 1
+                outcome = DECODERS[seq.params.mode].consume(seq, req, rows, self.env)
+            self._count(stats, req.name, outcome)
+            out = self._apply(seq, batch, outcome)
+            if out is not None:
+                outputs.append(out)
+        stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
+        return outputs
+
+    def _consume_prefill(self, seq: Sequence, req, rows: torch.Tensor) -> Outcome:
+        done = seq.num_computed_tokens + len(req.token_ids) == seq.prefill_target
+        if not (done and seq.sample_after_prefill):
+            return Outcome([], num_kv_kept=len(req.token_ids))
+        seq.sample_after_prefill = False
+        return Outcome(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id),
+                       num_kv_kept=len(req.token_ids))
+
+    @staticmethod
+    def _count(stats: StepStats, name: str, outcome: Outcome) -> None:
+        if name == "verify":
+            stats.spec_drafts += 1
+            stats.spec_draft_tokens += outcome.spec_draft_tokens
+            stats.spec_accepted_tokens += outcome.spec_accepted
+        if outcome.denoise_steps is not None:
+            stats.denoise_steps_per_block.append(outcome.denoise_steps)
+
+    def _apply(self, seq: Sequence, batch: Batch, outcome: Outcome) -> RequestOutput | None:
+        if batch.kind == ForwardKind.CAUSAL:
+            seq.num_computed_tokens += outcome.num_kv_kept
+            self.runner.blocks.crop(seq, seq.num_computed_tokens)
+        emitted: list[int] = []
+        for tok in outcome.new_token_ids:
+            assert tok != self.mask_token_id, "the mask id must never be emitted"
+            seq.token_ids.append(tok)
+            emitted.append(tok)
+            if tok in seq.stop_ids:
+                seq.finish_reason = "stop"
+                seq.stop_reason = tok if tok in seq.params.stop_token_ids else None
+            elif seq.num_output_tokens >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                break
+        if seq.finish_reason is not None:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+        if not emitted and seq.finish_reason is None:
+            return None
+        assert seq.params.mode is not None
+        return RequestOutput(seq.request_id, emitted, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode)
+
+    # ---- introspection --------------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.runner.blocks.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.runner.blocks.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.runner.blocks.num_blocks
+
+    def probe(self) -> None:
+        """Readiness: a real one-token forward; raises if the model is broken."""
+        self.runner.probe()

@@ -1,0 +1,109 @@
+"""ModelRunner: turns a scheduled Batch into tensors, runs one forward over the paged cache, returns logit rows.
+
+Owns the weights, the KV pool and the device. Sizing: on CUDA the pool takes `gpu_memory_utilization` of the
+device memory minus weights and an activation reserve; on CPU it holds `num_kv_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.attention import DenseContext, KVCache, PagedContext, flash_available
+from engine.config import EngineConfig
+from engine.decoding import ForwardKind
+from engine.kv_cache import BlockManager
+from engine.loader import CheckpointInfo, load_model
+from engine.scheduler import Batch
+
+log = logging.getLogger("trimode.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model, self.info = load_model(model_path, self.dtype, self.device)
+        cfg = self.info.config
+        self.block_size = config.kv_block_size
+        num_blocks = self._num_kv_blocks(config)
+        self.cache = KVCache.allocate(cfg.num_hidden_layers, num_blocks, self.block_size, cfg.num_key_value_heads,
+                                      cfg.head_dim, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, self.block_size)
+        self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s)", num_blocks, self.block_size,
+                 num_blocks * self.block_size, self.device, self.dtype, "flash-attn" if self.use_flash else "sdpa")
+
+    @property
+    def checkpoint(self) -> CheckpointInfo:
+        return self.info
+
+    def _num_kv_blocks(self, config: EngineConfig) -> int:
+        if self.device.type != "cuda":
+            return config.num_kv_tokens // config.kv_block_size
+        cfg = self.info.config
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        reserve = 2 * 1024**3  # activations of the largest forward, allocator slack
+        budget = total * config.gpu_memory_utilization - (total - free) - reserve
+        per_block = 2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+        per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        n = int(budget // per_block)
+        if n < 1:
+            raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no room for KV "
+                             f"(weights {weights / 2**30:.1f} GiB)")
+        return n
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[torch.Tensor]:
+        """One forward over the batch; per sequence the logit rows it asked for ([rows, V] fp32)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        k_lens: list[int] = []
+        rows: list[int] = []
+        row_counts: list[int] = []
+        for seq, req in zip(batch.seqs, batch.requests):
+            start, n = seq.num_computed_tokens, len(req.token_ids)
+            input_ids += req.token_ids
+            positions += range(start, start + n)
+            slots += self.blocks.slots(seq, start, start + n)
+            base = len(input_ids) - n
+            wanted = range(base, base + n) if req.all_logits else [base + n - 1]
+            rows += wanted
+            row_counts.append(len(wanted))
+            q_lens.append(n)
+            k_lens.append(start + n)
+        dev = self.device
+        ctx = PagedContext(self.cache, batch.kind == ForwardKind.CAUSAL, batch.draft_lora, q_lens, k_lens,
+                           [s.block_table for s in batch.seqs], torch.tensor(slots, dtype=torch.long, device=dev),
+                           use_flash=self.use_flash)
+        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), ctx)
+        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)]).cpu()
+        return list(torch.split(logits, row_counts))
+
+    @torch.inference_mode()
+    def probe(self) -> None:
+        """A real one-token forward that touches no cache state (readiness)."""
+        ids = torch.zeros(1, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, ids, DenseContext([0, 1], causal=True))
+        if not torch.isfinite(self.model.logits(hidden)).all():
+            raise RuntimeError("probe forward produced non-finite logits")

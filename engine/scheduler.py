@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences run in the next forward.
+
+Grouping rule (documented in README, knobs in `[engine]`): every step each running sequence says which forward it
+needs next: `prefill` (chunked), `ar_decode`, `denoise`, `commit`, `draft` or `verify`, plus its batching key
+(the draft-LoRA flag; `(steps, block_length)` for denoise, `block_length` for commit / draft / verify). Sequences
+with equal (name, key) form a group and the step runs exactly one group: the one whose members waited longest
+(the smallest `last_scheduled`), so groups take turns and no mode starves. Within a group the longest-waiting
+sequences go first while the query tokens fit `max_num_batched_tokens` (a prefill is chunked to the room left).
+A sequence is never held back for the slowest of its group: each one asks for its own next forward every step.
+
+Admission is FCFS, bounded by `max_num_seqs` and free KV blocks. Before a forward every member gets slots for its
+query tokens; when the pool runs dry the most recently admitted running sequence is preempted (its blocks freed,
+its K/V recomputed later from its tokens), as vLLM's RECOMPUTE.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.decoding import DECODERS, DecodeEnv, ForwardKind, ForwardRequest
+from engine.kv_cache import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class Batch:
+    name: str
+    kind: ForwardKind
+    draft_lora: bool
+    seqs: list[Sequence]
+    requests: list[ForwardRequest]
+
+    @property
+    def num_query_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.requests)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, env: DecodeEnv, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.env = env
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._step = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            first_chunk = min(seq.prefill_target, self.max_num_batched_tokens)
+            if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, first_chunk)):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+
+    def _next_forward(self, seq: Sequence) -> ForwardRequest:
+        if seq.is_prefilling:
+            tokens = seq.token_ids[seq.num_computed_tokens: seq.prefill_target]
+            return ForwardRequest("prefill", ForwardKind.CAUSAL, tokens)
+        return DECODERS[seq.params.mode].next_forward(seq, self.env)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        # a resolved-but-uncommitted diffusion block was already emitted: recompute all of it and sample the
+        # next seed from the prefill's last logit, exactly what its commit forward would have done
+        state = seq.state
+        seq.sample_after_prefill = bool(getattr(state, "resolved", False))
+        seq.state = None
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> Batch | None:
+        """Pick the next homogeneous batch and give its members KV slots; None when nothing can run."""
+        self._step += 1
+        self._admit()
+        if not self.running:
+            return None
+        groups: dict[tuple, list[tuple[Sequence, ForwardRequest]]] = {}
+        for seq in self.running:
+            req = self._next_forward(seq)
+            groups.setdefault((req.name, req.kind, req.draft_lora, req.group), []).append((seq, req))
+        key = min(groups, key=lambda k: (min(s.last_scheduled for s, _ in groups[k]), k[0] != "prefill"))
+        members = sorted(groups[key], key=lambda sr: sr[0].last_scheduled)
+        chosen: list[tuple[Sequence, ForwardRequest]] = []
+        budget = self.max_num_batched_tokens
+        for seq, req in members:
+            if budget <= 0:
+                break
+            if req.name == "prefill" and len(req.token_ids) > budget:
+                req = ForwardRequest("prefill", ForwardKind.CAUSAL, req.token_ids[:budget])
+            elif len(req.token_ids) > budget and chosen:
+                continue
+            chosen.append((seq, req))
+            budget -= len(req.token_ids)
+        chosen = self._reserve_slots(chosen)
+        if not chosen:
+            return None
+        for seq, _ in chosen:
+            seq.last_scheduled = self._step
+        name, kind, lora, _ = key
+        return Batch(name, kind, lora, [s for s, _ in chosen], [r for _, r in chosen])
+
+    def _reserve_slots(self, chosen: list[tuple[Sequence, ForwardRequest]]) -> list[tuple[Sequence, ForwardRequest]]:
+        kept: list[tuple[Sequence, ForwardRequest]] = []
+        for seq, req in chosen:
+            if seq.status != SequenceStatus.RUNNING:  # preempted for an earlier member of this batch
+                continue
+            end = seq.num_computed_tokens + len(req.token_ids)
+            while not self.blocks.can_allocate(self.blocks.blocks_needed(seq, end)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                self.blocks.allocate(seq, end)
+                kept.append((seq, req))
+        return [(s, r) for s, r in kept if s.status == SequenceStatus.RUNNING]
