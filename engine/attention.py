@@ -149,3 +149,15 @@ class PagedContext:
 def flash_available(device: torch.device, block_size: int) -> bool:
     """flash-attn's paged varlen kernel: CUDA only, and page sizes that are a multiple of 256 (flash-attn 2)."""
     return flash_attn_varlen_func is not None and device.type == "cuda" and block_size % 256 == 0
+
+
+@dataclass
+class MaskedContext:
+    """No KV cache, one sequence, an explicit boolean mask [T, T] (True = may attend). For references and tests."""
+
+    mask: torch.Tensor
+    draft_lora: bool = False
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))
+        return _sdpa(qs, ks, vs, self.mask[None, None], False)[0].transpose(0, 1)

@@ -93,7 +93,8 @@ class Sequence:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.prefill_target
+        # a decoder mid-block (e.g. a resolved diffusion block awaiting its commit) is past prefill
+        return self.state is None and self.num_computed_tokens < self.prefill_target
 
 
 @dataclass

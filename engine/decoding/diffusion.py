@@ -1,13 +1,14 @@
 """`diffusion`: block diffusion with an AR seed, as the reference `generate` (causal_context=True).
 
 Per block of length L: `[seed, MASK x (L-1)]`, where the seed is the token sampled by the prefill or by the
-previous block's commit. Bidirectional read-only denoise forwards each commit the most confident masked position,
-every other one whose confidence reaches `threshold`, and at least `ceil(masks_left / steps_left)` so the block
-always resolves within `steps` forwards (`steps = L` is the reference schedule without a threshold: one token per
-step; `steps = 1` fills the block at once). Committed tokens are final (no remasking). Denoising stops early once a
-stop token is in the block with no mask before it. The resolved block is emitted at once; then one causal commit
-forward writes its K/V and its last logit gives the next seed. A block that ends the request (stop token,
-`max_tokens`) skips the commit forward, which could only produce tokens that are cut anyway.
+previous block's commit. Bidirectional read-only denoise forwards each commit the most confident masked
+position, every other one whose confidence reaches `threshold` (1.0 = none), and at least
+`ceil(masks_left / steps_left)` so the block always resolves within `steps` forwards (`steps = L` is the
+reference schedule without a threshold: one token per step; `steps = 1` fills the block at once).
+Committed tokens are final (no remasking). Denoising stops early once a stop token is in the block with no
+mask before it. The resolved block is emitted at once; then one causal commit forward writes its K/V and its
+last logit gives the next seed. A block that ends the request (stop token, `max_tokens`) skips the commit
+forward, which could only produce tokens that are cut anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class DiffusionState:
 def commit_count(num_masked: int, steps_left: int, confident: int, threshold: float | None) -> int:
     """How many masked positions one denoise step commits."""
     need = -(-num_masked // max(steps_left, 1))  # finish within the step budget
-    if threshold is None:
+    # threshold 1.0 means "schedule only": a softmax reaches exactly 1.0 only by fp32 saturation
+    if threshold is None or threshold >= 1.0:
         return min(num_masked, need)
     return min(num_masked, max(1, need, confident))
 
