@@ -1,1 +1,3 @@
-"""trimode's OpenAI-compatible HTTP server (speaks text; the engine speaks token ids)."""
+"""trimode's OpenAI-compatible HTTP server: FastAPI in front of one engine thread. Imports engine, never torch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""create_app: the FastAPI app over one engine. Routes, error mapping, lifespan and disconnect handling.
+
+Errors always leave in OpenAI's shape: request validation (FastAPI's 422) becomes 400 with `param` set to the
+offending field, unknown routes 404, anything unexpected 500. The generation endpoints race the handler against
+`http.disconnect` (like vLLM's `with_cancellation`), so a client that goes away cancels the handler, which
+aborts its engine sequences and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.async_engine import AsyncEngine
+from server.config import ServerConfig
+from server.metrics import CONTENT_TYPE
+from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
+from server.serving import APIError, Serving
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()[:10]
+    parts, param = [], None
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if param is None and loc:
+            param = loc[0]
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return JSONResponse(error_body(400, "; ".join(parts) or "invalid request", param), 400)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def with_cancellation(request: Request, handler: Awaitable[Response], aeng: AsyncEngine) -> Response:
+    """Run `handler`, cancelling it as soon as the client disconnects (counted in /metrics)."""
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    aeng.metrics.client_disconnected.labels(aeng.metrics.model_name).inc()
+    return Response(status_code=499)  # nobody is listening
+
+
+def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
+    """Build the app; the engine thread starts with the app's lifespan and stops with it."""
+    config = config or ServerConfig()
+    aeng = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens)
+    metrics = aeng.metrics
+    model_name = metrics.model_name
+    serving = Serving(aeng, config, metrics, model_name)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        aeng.start()
+        try:
+            yield
+        finally:
+            aeng.stop()
+
+    app = FastAPI(title="trimode", version=__version__, lifespan=lifespan)
+    app.state.aeng = aeng
+    app.state.config = config
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await with_cancellation(request, serving.completions(req), aeng)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await with_cancellation(request, serving.chat(req), aeng)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "trimode", "root": model_name,
+            "parent": None, "max_model_len": aeng.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if aeng.dead is not None:
+            return JSONResponse(error_body(503, "The engine is dead."), 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if aeng.dead is not None or aeng.draining:
+            why = "The engine is dead." if aeng.dead is not None else "The server is draining."
+            return JSONResponse(error_body(503, why), 503)
+        try:
+            await aeng.probe(config.probe_timeout)
+        except Exception as exc:
+            return JSONResponse(error_body(503, f"probe forward failed: {type(exc).__name__}"), 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        snap = aeng.snapshot
+        metrics.set_gauges(snap.num_running, snap.num_waiting, snap.kv_cache_usage)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/load")
+    async def load() -> dict[str, int]:
+        return {"server_load": aeng.num_inflight}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            tokens = serving._chat_ids(req.messages)
+        else:
+            tokens = list(serving._tokenizer("prompt").encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        return {"count": len(tokens), "max_model_len": aeng.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+        serving.check_model(req.model)
+        tok = serving._tokenizer("tokens")
+        vocab = len(tok)
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes,
+                       on_reject=lambda: metrics.reject("body_too_large"))
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    return app

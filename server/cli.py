@@ -1,0 +1,150 @@
+"""`trimode serve | generate | bench`: argparse front end.
+
+`serve` loads a preset (`--config`), applies the named flags and any generic `--engine.KEY VALUE` /
+`--server.KEY VALUE` overrides (every field of EngineConfig / ServerConfig, listed in `--help` with its default
+and meaning), loads the engine and runs uvicorn. SIGTERM/SIGINT drains: readiness and new requests answer 503,
+in-flight requests get up to `shutdown_timeout` seconds, then the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import re
+import sys
+from dataclasses import MISSING, fields
+from typing import Any
+
+from engine.config import EngineConfig
+from server.config import ServerConfig, load_config, parse_value
+
+log = logging.getLogger("trimode.server")
+
+NAMED = {  # flag -> (table, key)
+    "model": ("engine", "model"), "host": ("server", "host"), "port": ("server", "port"),
+    "api_key": ("server", "api_key"), "log_level": ("server", "log_level"),
+    "served_model_name": ("server", "served_model_name"), "shutdown_timeout": ("server", "shutdown_timeout"),
+}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The trailing comment of each dataclass field: the help text of its generic flag."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^\n#]*#\s*([^\n]*)$", src, re.M)}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for table, cls in (("engine", EngineConfig), ("server", ServerConfig)):
+        group = parser.add_argument_group(f"[{table}] overrides (TOML values; 'none' for None)")
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            default = "<redacted>" if f.name == "api_key" else f.default if f.default is not MISSING else None
+            group.add_argument(f"--{table}.{f.name}", dest=f"{table}.{f.name}", metavar="VALUE",
+                               help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimode", description="Serve tri-mode diffusion LMs over an "
+                                     "OpenAI-compatible API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--config", help="TOML preset with [engine] and [server] tables (see configs/)")
+    serve.add_argument("--model", help="checkpoint directory (default: the built-in trimode-tiny)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("TRIMODE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (env TRIMODE_API_KEY)")
+    serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
+    serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    _add_config_flags(serve)
+
+    gen = sub.add_parser("generate", help="offline: generate for one prompt and print the text")
+    gen.add_argument("prompt")
+    gen.add_argument("--config")
+    gen.add_argument("--model")
+    gen.add_argument("--mode", choices=["ar", "diffusion", "self_spec"])
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--block-length", type=int)
+    gen.add_argument("--threshold", type=float)
+
+    sub.add_parser("bench", help="load-test a running server (the loadtest tool; see `trimode bench --help`)",
+                   add_help=False)
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Named flags and generic --table.key flags -> {"engine": {...}, "server": {...}} (typed values)."""
+    out: dict[str, dict[str, Any]] = {"engine": {}, "server": {}}
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        if dest in NAMED:
+            table, key = NAMED[dest]
+            out[table][key] = value
+        elif "." in dest:
+            table, key = dest.split(".", 1)
+            cls = EngineConfig if table == "engine" else ServerConfig
+            out[table][key] = parse_value(cls, key, value)
+    return out
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.engine import Engine
+    from server.app import create_app
+    from server.drain import DrainingServer
+
+    try:
+        engine_cfg, server_cfg = load_config(args.config, overrides_from(args))
+    except (OSError, ValueError) as exc:
+        print(f"trimode: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(server_cfg.log_level)
+    app = create_app(Engine(engine_cfg), server_cfg)
+    config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
+                            access_log=server_cfg.log_level == "debug", lifespan="on")
+    DrainingServer(config, app.state.aeng, server_cfg.shutdown_timeout).run()
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sequence import SamplingParams
+
+    engine_cfg, _ = load_config(args.config, {"engine": {"model": args.model} if args.model else {}})
+    kwargs = {f.name: getattr(engine_cfg, f.name) for f in fields(engine_cfg) if f.name != "model"}
+    llm = LLM(engine_cfg.model, **kwargs)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, mode=args.mode,
+                            steps=args.steps, block_length=args.block_length, threshold=args.threshold)
+    out = llm.generate(args.prompt, params)[0]
+    print(out.text)
+    print(f"[mode={out.mode} tokens={len(out.token_ids)} forwards={out.num_decode_forwards} "
+          f"finish={out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from loadtest.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return generate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

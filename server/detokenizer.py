@@ -1,0 +1,79 @@
+"""Incremental, UTF-8-safe detokenizing and stop-string matching for one choice of one request.
+
+`IncrementalDetokenizer` turns token ids into text deltas without ever emitting a partial character: it decodes
+a small window (`prefix_offset:`) and holds back while the text ends in U+FFFD (an incomplete byte sequence).
+`StopChecker` finds stop strings across chunk boundaries and holds back the last `len(longest stop) - 1`
+characters, so text that later turns out to start a stop string is never streamed: output is never retracted.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# NOTE: a few prompt tokens give the decoder left context (leading-space handling in SentencePiece decoders).
+PROMPT_CONTEXT = 5
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Decoder, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, new_ids: list[int]) -> str:
+        """Append tokens; return the newly completed text (possibly empty)."""
+        self.ids.extend(new_ids)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """At the end of the request: whatever is still held back, with U+FFFD for incomplete bytes."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+class StopChecker:
+    """Accumulates one choice's text; `push` returns the text safe to emit and whether a stop string hit."""
+
+    def __init__(self, stop: list[str], include_stop: bool = False) -> None:
+        self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # everything accepted so far (final output after a stop)
+        self.emitted = 0  # characters of `text` already handed out
+        self.stop_reason: str | None = None
+
+    def push(self, delta: str, final: bool = False) -> tuple[str, bool]:
+        """Add decoded text; return (text to emit now, stopped). After a stop, further pushes emit nothing."""
+        if self.stop_reason is not None:
+            return "", True
+        start = max(0, len(self.text) - self.holdback)
+        self.text += delta
+        hit: tuple[int, str] | None = None
+        for s in self.stop:
+            pos = self.text.find(s, start)
+            if pos >= 0 and (hit is None or pos < hit[0]):
+                hit = (pos, s)
+        if hit is not None:
+            pos, s = hit
+            self.text = self.text[:pos + len(s)] if self.include_stop else self.text[:pos]
+            self.stop_reason = s
+            final = True
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.holdback)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out, self.stop_reason is not None

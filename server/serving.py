@@ -1,0 +1,383 @@
+"""Request -> (prompt ids, SamplingParams) -> AsyncEngine -> OpenAI JSON or SSE; errors -> OpenAI error bodies.
+
+Every check that can fail (model name, unsupported fields, limits, tokenization, engine parameter checks, the
+context length, admission) runs before the response starts; the stream then only carries text. Per choice, an
+IncrementalDetokenizer and a StopChecker turn token ids into text deltas; a stop-string hit ends that choice
+and aborts its engine sequence. SSE chunks keep their null fields; the usage chunk has `"choices": []`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.sequence import RequestOutput, SamplingParams
+from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded
+from server.config import ServerConfig
+from server.detokenizer import IncrementalDetokenizer, StopChecker
+from server.metrics import ServerMetrics
+from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
+
+PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
+                "block_length", "threshold", "prompt")
+CONTEXT_ERROR = "This model's maximum context length"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape before any response byte is sent."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.status, self.message, self.param), self.status, headers=self.headers)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {_dumps(obj)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream that always races the body against http.disconnect (whatever the ASGI spec version),
+    so a vanished client cancels the body iterator at once."""
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.ensure_future(self.stream_response(send))
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, watcher):
+                t.cancel()
+            await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    detok: IncrementalDetokenizer | None
+    stop: StopChecker
+    prefix: str = ""  # echo: the prompt text, sent before the first output text
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: list[str] = field(default_factory=list)
+    num_output_tokens: int = 0
+
+    def consume(self, out: RequestOutput, gen: Generation) -> str:
+        """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
+        self.num_output_tokens = out.num_output_tokens
+        final = out.finish_reason is not None
+        delta = self.detok.add(out.new_token_ids) if self.detok is not None else ""
+        if final and self.detok is not None:
+            delta += self.detok.flush()
+        emit, stopped = self.stop.push(delta, final=final)
+        if stopped and self.stop.stop_reason is not None:
+            self.finish_reason, self.stop_reason = "stop", self.stop.stop_reason
+            if not final:
+                gen.finish(self.index, "stop")
+        elif final:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+        if self.prefix and (emit or self.finish_reason):
+            emit, self.prefix = self.prefix + emit, ""
+        self.text.append(emit)
+        return emit
+
+
+@dataclass
+class Serving:
+    """The two generation endpoints over one AsyncEngine."""
+
+    aeng: AsyncEngine
+    config: ServerConfig
+    metrics: ServerMetrics
+    model_name: str
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model[:200]}` does not exist.", "model")
+
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> list[str]:
+        self.check_model(req.model)
+        cfg = self.config
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options")
+        if req.n > cfg.max_n:
+            raise APIError(400, f"n must be <= {cfg.max_n}, got {req.n}", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported", name)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > cfg.max_stop_strings:
+            raise APIError(400, f"at most {cfg.max_stop_strings} stop strings are allowed, got {len(stop)}", "stop")
+        if any(len(s) > cfg.max_stop_string_len for s in stop):
+            raise APIError(400, f"stop strings must be at most {cfg.max_stop_string_len} characters", "stop")
+        if req.stop_token_ids and len(req.stop_token_ids) > 256:
+            raise APIError(400, "at most 256 stop_token_ids are allowed", "stop_token_ids")
+        return stop
+
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens if max_tokens is not None else 16,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None else req.top_k,
+                seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold)
+            return self.aeng.resolve_params(params)
+        except ValueError as exc:
+            raise _bad_request(exc) from None
+
+    def _fit(self, ids: list[int], params: SamplingParams, fill: bool, prompt_field: str) -> SamplingParams:
+        """Check the context; with `fill` (chat, no max_tokens) use the largest max_tokens that fits."""
+        if fill:
+            room = self.aeng.max_model_len - len(ids)
+            block = params.block_length or 1
+            for cand in (room, room // block * block, room - block + 1, (room - block + 1) // block * block):
+                if cand >= 1:
+                    try:
+                        self.aeng.check_request(ids, replace(params, max_tokens=cand))
+                        return replace(params, max_tokens=cand)
+                    except ValueError:
+                        continue
+        try:
+            self.aeng.check_request(ids, params)
+        except ValueError as exc:
+            raise _bad_request(exc, prompt_field) from None
+        return params
+
+    def _tokenizer(self, what: str) -> Any:
+        tok = self.aeng.tokenizer
+        if tok is None:
+            raise APIError(400, f"this model ships no tokenizer: {what} needs one; send token ids", what)
+        return tok
+
+    # ---- endpoints ----------------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest) -> Response:
+        stop = self._check_common(req)
+        if req.suffix is not None:
+            raise APIError(400, "suffix is not currently supported", "suffix")
+        if req.logprobs is not None:
+            raise APIError(400, "logprobs is not supported (no mode of this server returns them yet)", "logprobs")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported", "best_of")
+        prompts = self._completion_prompts(req.prompt)
+        base = self._params(req, req.max_tokens)
+        tok = self.aeng.tokenizer
+        items: list[tuple[list[int], SamplingParams]] = []
+        states: list[ChoiceState] = []
+        for ids, text in prompts:
+            params = self._fit(ids, base, False, "prompt")
+            echo = "" if not req.echo else text if text is not None else (tok.decode(ids) if tok else "")
+            for j in range(req.n):
+                items.append((ids, _seeded(params, j)))
+                states.append(self._choice(len(states), ids, stop, req.include_stop_str_in_output, echo))
+        return await self._respond("cmpl", "text_completion", req, items, states, len(prompts),
+                                   sum(len(ids) for ids, _ in prompts))
+
+    async def chat(self, req: ChatCompletionRequest) -> Response:
+        stop = self._check_common(req)
+        if req.logprobs or req.top_logprobs:
+            raise APIError(400, "logprobs is not supported (no mode of this server returns them yet)", "logprobs")
+        for name in ("tools", "response_format"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not currently supported", name)
+        ids = self._chat_ids(req.messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._fit(ids, self._params(req, max_tokens), max_tokens is None, "messages")
+        items = [(ids, _seeded(params, j)) for j in range(req.n)]
+        states = [self._choice(j, ids, stop, req.include_stop_str_in_output, "") for j in range(req.n)]
+        return await self._respond("chatcmpl", "chat.completion", req, items, states, 1, len(ids))
+
+    # ---- prompts ------------------------------------------------------------------------------------------
+    def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
+        if isinstance(prompt, str):
+            raw: list[Any] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            raw = [list(prompt)]
+        else:
+            raw = list(prompt)
+        if not raw:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if len(raw) > self.config.max_prompts:
+            raise APIError(400, f"at most {self.config.max_prompts} prompts per request, got {len(raw)}", "prompt")
+        out: list[tuple[list[int], str | None]] = []
+        for p in raw:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError(400, "prompt must not be empty", "prompt")
+                out.append((list(self._tokenizer("prompt").encode(p)), p))
+            else:
+                if not p:
+                    raise APIError(400, "prompt must not be empty", "prompt")
+                out.append((list(p), None))
+        return out
+
+    def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        tok = self._tokenizer("messages")
+        msgs = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
+            msgs.append({"role": m.role, "content": content})
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # template errors (jinja raise_exception, missing template) are the user's
+            raise APIError(400, f"chat template error: {exc}"[:500], "messages") from None
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
+        tok = self.aeng.tokenizer
+        detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
+        return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo)
+
+    # ---- running ------------------------------------------------------------------------------------------
+    async def _respond(self, id_prefix: str, obj: str, req: CompletionRequest | ChatCompletionRequest,
+                       items: list[tuple[list[int], SamplingParams]], states: list[ChoiceState],
+                       num_prompts: int, num_prompt_tokens: int) -> Response:
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        timeout = req.timeout if req.timeout is not None else self.config.request_timeout
+        try:
+            gen = self.aeng.generate(request_id, items, timeout)
+        except Overloaded as exc:
+            self.metrics.reject(exc.reason)
+            raise APIError(503, str(exc), headers={"Retry-After": str(self.config.retry_after)}) from None
+        except EngineDeadError:
+            self.metrics.reject("engine_dead")
+            raise APIError(503, "The engine is dead; the server cannot serve requests.") from None
+        mode = items[0][1].mode or "ar"
+        head = {"id": request_id, "object": obj, "created": int(time.time()), "model": self.model_name}
+        try:
+            first = await self._first(gen)
+        except BaseException:
+            gen.close()
+            raise
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            chat = obj == "chat.completion"
+            return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, num_prompt_tokens))
+        try:
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                states[item[0]].consume(item[1], gen)
+                item = None if _all_done(states) else await gen.next()
+        except EngineDeadError as exc:
+            raise APIError(500, str(exc)) from None
+        finally:
+            gen.close()
+        completion_tokens = sum(s.num_output_tokens for s in states)
+        body = dict(head, choices=[_final_choice(s, obj) for s in states],
+                    usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
+        return Response(_dumps(body), media_type="application/json")
+
+    async def _first(self, gen: Generation) -> tuple[int, RequestOutput]:
+        """The first output, before any response byte: queue timeout -> 503, dead engine -> 500."""
+        try:
+            return await asyncio.wait_for(gen.next(), self.config.queue_timeout)
+        except asyncio.TimeoutError:
+            self.metrics.reject("queue_timeout")
+            raise APIError(503, "Request queue timeout reached.",
+                           headers={"Retry-After": str(self.config.retry_after)}) from None
+        except EngineDeadError as exc:
+            raise APIError(500, str(exc)) from None
+        except ValueError as exc:
+            raise _bad_request(exc) from None
+
+    async def _stream(self, gen: Generation, first: tuple[int, RequestOutput], states: list[ChoiceState],
+                      head: dict[str, Any], mode: str, chat: bool, include_usage: bool,
+                      num_prompt_tokens: int) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = dict(head, object=obj)
+        try:
+            if chat:
+                for s in states:
+                    yield sse(dict(base, choices=[{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}], mode=mode))
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                state = states[item[0]]
+                if state.finish_reason is None:
+                    text = state.consume(item[1], gen)
+                    if text or state.finish_reason is not None:
+                        yield sse(dict(base, choices=[_chunk_choice(state, text, chat)], mode=mode))
+                item = None if _all_done(states) else await gen.next()
+            if include_usage:
+                completion_tokens = sum(s.num_output_tokens for s in states)
+                yield sse(dict(base, choices=[], usage=_usage(num_prompt_tokens, completion_tokens), mode=mode))
+        except asyncio.CancelledError:
+            self.metrics.client_disconnected.labels(self.model_name).inc()
+            raise
+        except Exception as exc:  # after the 200: an error event, then [DONE]
+            status = 500 if isinstance(exc, EngineDeadError) else 400 if isinstance(exc, ValueError) else 500
+            yield sse(error_body(status, str(exc) or type(exc).__name__))
+        finally:
+            gen.close()
+        yield SSE_DONE
+
+
+def _all_done(states: list[ChoiceState]) -> bool:
+    return all(s.finish_reason is not None for s in states)
+
+
+def _seeded(params: SamplingParams, j: int) -> SamplingParams:
+    return params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chunk_choice(s: ChoiceState, text: str, chat: bool) -> dict[str, Any]:
+    if chat:
+        return {"index": s.index, "delta": {"content": text} if text else {}, "logprobs": None,
+                "finish_reason": s.finish_reason}
+    return {"index": s.index, "text": text, "logprobs": None, "finish_reason": s.finish_reason,
+            "stop_reason": s.stop_reason}
+
+
+def _final_choice(s: ChoiceState, obj: str) -> dict[str, Any]:
+    text = "".join(s.text)
+    if obj == "chat.completion":
+        return {"index": s.index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
+    return {"index": s.index, "text": text, "logprobs": None, "finish_reason": s.finish_reason,
+            "stop_reason": s.stop_reason}
+
+
+def _bad_request(exc: ValueError, prompt_field: str = "prompt") -> APIError:
+    msg = str(exc)
+    if msg.startswith(CONTEXT_ERROR):
+        return APIError(400, msg, "input_tokens")
+    word = msg.split(" ", 1)[0] if msg else ""
+    param = word if word in PARAM_FIELDS else None
+    if param == "prompt":
+        param = prompt_field
+    return APIError(400, msg, param)

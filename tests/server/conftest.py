@@ -1,0 +1,44 @@
+"""Fixtures for the server tests: a tiny random tri-mode checkpoint with a char tokenizer, served live."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import write_nld_checkpoint
+from tests.server_fixtures import live_server, write_char_tokenizer
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("trimode-test")
+    write_nld_checkpoint(path, lora_rank=4)
+    write_char_tokenizer(path)
+    return path
+
+
+def make_engine(ckpt: Path, **over):
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    cfg = dict(model=str(ckpt), device="cpu", num_kv_tokens=8192, max_num_seqs=32, max_num_batched_tokens=1024)
+    cfg.update(over)
+    return Engine(EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def shared_engine(ckpt: Path):
+    return make_engine(ckpt)
+
+
+@pytest.fixture(scope="session")
+def server(shared_engine) -> Iterator[str]:
+    """One live server shared by the read-mostly tests; yields its base URL."""
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    app = create_app(shared_engine, ServerConfig(max_n=8))
+    with live_server(app) as url:
+        yield url

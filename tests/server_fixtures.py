@@ -1,0 +1,70 @@
+"""Server test helpers: a tiny char-level tokenizer with a ChatML template, and a live uvicorn server in a thread.
+
+The tokenizer has one token per character (ids 0..95, matching the tiny checkpoints' vocabulary) with
+2 = EOS and 3 = MASK reserved, so every id the random model emits decodes to something.
+"""
+
+from __future__ import annotations
+
+import socket
+import string
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<unk>", "<s>", "</s>", "<mask>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
+    """Write tokenizer.json + tokenizer_config.json (one token per character) so AutoTokenizer loads it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = " \n" + string.ascii_letters + string.digits + ".,!?'-:;()\"#$%&*+/<=>@[]_{|}~"
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in chars:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", mask_token="<mask>",
+        additional_special_tokens=SPECIALS[4:])
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app, port: int | None = None) -> Iterator[str]:
+    """Run `app` on uvicorn in a daemon thread; yields the base URL and stops the server afterwards."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
