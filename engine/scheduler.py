@@ -84,7 +84,7 @@ class Scheduler:
         # a resolved-but-uncommitted diffusion block was already emitted: recompute all of it and sample the
         # next seed from the prefill's last logit, exactly what its commit forward would have done
         state = seq.state
-        seq.sample_after_prefill = bool(getattr(state, "resolved", False))
+        seq.sample_after_prefill = seq.sample_after_prefill or bool(getattr(state, "resolved", False))
         seq.state = None
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
