@@ -33,7 +33,7 @@ def port_from_argv(argv: list[str]) -> int | None:
 
 def server_port(proc: Path = Path("/proc")) -> int:
     """The port of the `trimode serve` process: PID 1 first (exec'd entrypoint), then any other process."""
-    pids = sorted((int(p.name) for p in proc.glob("[0-9]*") if p.name.isdigit()), key=lambda pid: pid != 1)
+    pids = sorted((int(p.name) for p in proc.glob("[0-9]*") if p.name.isdigit()), key=lambda pid: (pid != 1, pid))
     for pid in pids:
         try:
             argv = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
