@@ -1,0 +1,73 @@
+"""`python -m server serve` as a real process: SIGTERM drains (503 for new work, in-flight finishes), exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server.helpers import sse_json
+from tests.server_fixtures import free_port
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
+    port = free_port()
+    key = "sk-drain-secret"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", str(ckpt), "--port", str(port), "--api-key", key,
+         "--engine.device", "cpu", "--engine.num_kv_tokens", "4096", "--shutdown-timeout", "60"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"prompt": "drain me", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True,
+                "mode": "diffusion", "steps": 8, "block_length": 8}
+        results: list[bytes] = []
+        started = [threading.Event() for _ in range(3)]
+
+        def run(ev: threading.Event) -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as r:
+                parts = []
+                for chunk in r.iter_bytes():
+                    ev.set()
+                    parts.append(chunk)
+                results.append(b"".join(parts))
+
+        threads = [threading.Thread(target=run, args=(ev,)) for ev in started]
+        for t in threads:
+            t.start()
+        assert all(ev.wait(30) for ev in started)
+        proc.send_signal(signal.SIGTERM)
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "new"}, headers=auth, timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503 and "Retry-After" in r.headers
+        assert "in-flight" not in r.text
+        for t in threads:
+            t.join(60)
+        assert len(results) == 3
+        for raw in results:
+            assert sse_json(raw)[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert out.count("request_finished") == 3 and "mode=diffusion" in out
+    assert key not in out

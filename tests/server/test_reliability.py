@@ -1,0 +1,149 @@
+"""Reliability on dedicated servers: API key, body limit, overload 503 before the stream, deadlines, dead engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import ServerConfig
+from tests.server.conftest import make_engine
+from tests.server.helpers import metric, sse_json
+from tests.server_fixtures import live_server
+
+KEY = "sk-test-0123456789"
+LONG = {"prompt": "Long one", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt: Path):
+    return make_engine(ckpt, num_kv_tokens=4096)
+
+
+@contextmanager
+def serve(engine, **cfg) -> Iterator[str]:
+    with live_server(create_app(engine, ServerConfig(**cfg))) as url:
+        yield url
+
+
+def test_api_key_guards_v1_only_and_is_never_logged(engine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with serve(engine, api_key=KEY) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == 401 and r.json()["error"]["type"] == "AuthenticationError"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert ok.status_code == 200
+        for path in ("/health", "/metrics", "/version"):
+            assert httpx.get(f"{url}{path}").status_code == 200
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 200
+    assert KEY not in caplog.text
+    assert "request_finished" in caplog.text
+
+
+def test_body_over_the_limit_is_413_with_or_without_content_length(engine) -> None:
+    with serve(engine, max_body_bytes=2048) as url:
+        big = {"prompt": "x" * 5000}
+        r = httpx.post(f"{url}/v1/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        r = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert metric(url, "trimode:requests_rejected_total", reason="body_too_large") == 2
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30).status_code \
+            == 200
+
+
+def _open_stream(client: httpx.Client, url: str, body: dict) -> httpx.Response:
+    r = client.send(client.build_request("POST", f"{url}/v1/completions", json={**body, "stream": True}),
+                    stream=True)
+    assert r.status_code == 200
+    return r
+
+
+def test_full_queue_answers_503_with_retry_after_before_any_stream(engine) -> None:
+    with serve(engine, max_queued_requests=2, retry_after=3) as url, httpx.Client(timeout=30) as client:
+        streams = [_open_stream(client, url, LONG) for _ in range(2)]
+        for body in ({"prompt": "x", "max_tokens": 2}, {"prompt": "x", "max_tokens": 2, "stream": True}):
+            r = client.post(f"{url}/v1/completions", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "3"
+            assert r.headers["content-type"] == "application/json" and r.json()["error"]["code"] == 503
+        assert metric(url, "trimode:requests_rejected_total", reason="queue_full") == 2
+        for s in streams:
+            s.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            r = client.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 2})
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200
+
+
+def test_token_budget_and_queue_timeout_reject_with_503(engine) -> None:
+    with serve(engine, max_queued_tokens=100) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 200})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+    with serve(engine, queue_timeout=0.001) as url:
+        r = httpx.post(f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["message"] == "Request queue timeout reached."
+        assert metric(url, "trimode:requests_rejected_total", reason="queue_timeout") == 1
+        assert metric(url, "trimode:num_requests_running") == 0
+
+
+def test_request_deadline_ends_with_finish_reason_abort(engine) -> None:
+    with serve(engine, request_timeout=30) as url:
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", json={**LONG, "timeout": 0.3}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "abort"
+        assert time.monotonic() - t0 < 3
+        chunks = sse_json(httpx.post(f"{url}/v1/completions", json={**LONG, "timeout": 0.3, "stream": True},
+                                     timeout=30).content)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+
+
+def test_dead_engine_fails_every_open_request_and_health_turns_503(ckpt: Path) -> None:
+    engine = make_engine(ckpt, num_kv_tokens=4096)
+    with serve(engine) as url, httpx.Client(timeout=30) as client:
+        streams = [_open_stream(client, url, LONG), _open_stream(client, url, {**LONG, "mode": "diffusion"})]
+        readers = [s.iter_lines() for s in streams]
+        for lines in readers:
+            assert next(lines).startswith("data: ")
+        result: dict[str, httpx.Response] = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "r", httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               **{k: v for k, v in LONG.items() if k != "prompt"}},
+                            timeout=30)))
+        t.start()
+        time.sleep(0.2)
+
+        def boom() -> list:
+            raise RuntimeError("injected forward failure")
+
+        engine.step = boom
+        for lines in readers:
+            rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            assert rest[-2].startswith('data: {"error":{') and '"code":500' in rest[-2]
+        t.join(30)
+        assert result["r"].status_code == 500 and result["r"].json()["error"]["code"] == 500
+        assert client.get(f"{url}/health").status_code == 503
+        assert client.get(f"{url}/ready").status_code == 503
+        r = client.post(f"{url}/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503
