@@ -362,8 +362,16 @@ def test_compose_services():
     assert "trimode-healthcheck" in " ".join(tm["healthcheck"]["test"])
     env = tm["environment"]
     assert {"TRIMODE_MODEL", "TRIMODE_CONFIG", "TRIMODE_API_KEY"} <= set(env)
+    import tomllib
+
+    from server.config import ServerConfig
+
+    drains = [ServerConfig().shutdown_timeout] + [tomllib.loads(p.read_text()).get("server", {}).get(
+        "shutdown_timeout", 0) for p in (ROOT / "configs").glob("*.toml")]
+    if compose_default(env["TRIMODE_SHUTDOWN_TIMEOUT"]):
+        drains.append(float(compose_default(env["TRIMODE_SHUTDOWN_TIMEOUT"])))
     grace = int(str(tm["stop_grace_period"]).rstrip("s"))
-    assert grace > float(compose_default(env["TRIMODE_SHUTDOWN_TIMEOUT"])), "docker stop must outlast the drain"
+    assert grace > max(drains), f"docker stop ({grace} s) must outlast the longest drain ({max(drains)} s)"
 
     prom_mounts = _bind_mounts(services["prometheus"])
     assert prom_mounts["/etc/prometheus/prometheus.yml"] == DOCKER / "prometheus.yml"
