@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimode", description="Serve tri-mode diffusion LMs over an "
                                      "OpenAI-compatible API.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser("serve", help="run the HTTP server", description="Serve a checkpoint over the "
+                           "OpenAI API. Precedence: built-in defaults < --config TOML < flags.")
     serve.add_argument("--config", help="TOML preset with [engine] and [server] tables (see configs/)")
     serve.add_argument("--model", help="checkpoint directory (default: the built-in trimode-tiny)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on /v1/* (env TRIMODE_API_KEY)")
     serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                       help="log level; one line per finished request at info (default info)")
     _add_config_flags(serve)
 
     gen = sub.add_parser("generate", help="offline: generate for one prompt and print the text")
@@ -111,7 +113,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"trimode: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(server_cfg.log_level)
-    app = create_app(Engine(engine_cfg), server_cfg)
+    try:
+        engine = Engine(engine_cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(engine, server_cfg)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             access_log=server_cfg.log_level == "debug", lifespan="on")
     DrainingServer(config, app.state.aeng, server_cfg.shutdown_timeout).run()
