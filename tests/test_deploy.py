@@ -10,9 +10,11 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fnmatch import fnmatch
 from pathlib import Path
@@ -546,6 +548,63 @@ def test_check_catches_a_missing_metric(live_metrics):
     expo = Exposition(live_metrics.text.replace("trimode:forward_passes", "trimode:renamed_passes"))
     problems = check_dashboard_against(expo)
     assert any("trimode:forward_passes_total" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_dashboard_queries_return_data_in_prometheus(tiny_model_dir, tmp_path):
+    """A real Prometheus scrapes a live server under mixed-mode load; every dashboard query must return series.
+
+    Stronger than the name check: a label mismatch across `/` or a selector that matches nothing gives an empty
+    result. Runs only where a `prometheus` binary is found (PATH, or TRIMODE_PROMETHEUS=/path/to/prometheus).
+    """
+    binary = os.environ.get("TRIMODE_PROMETHEUS") or shutil.which("prometheus")
+    if not binary:
+        pytest.skip("no prometheus binary (put it on PATH or set TRIMODE_PROMETHEUS)")
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from server.app import create_app
+    from server.config import ServerConfig
+    from tests.server_fixtures import free_port, live_server
+
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), device="cpu", num_kv_tokens=4096, max_num_seqs=8))
+    with live_server(create_app(engine, ServerConfig())) as url:
+        prom_port = free_port()
+        (tmp_path / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: trimode\n"
+            f"    static_configs: [{{targets: ['{url.removeprefix('http://')}']}}]\n")
+        args = [f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}"]
+        prom = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            stop = time.monotonic() + 12
+
+            def traffic(offset: int) -> None:
+                with httpx.Client(base_url=url, timeout=60) as client:
+                    i = offset
+                    while time.monotonic() < stop:
+                        client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 16, "n": 2,
+                                                             "mode": MODES[i % 3]})
+                        i += 1
+
+            workers = [threading.Thread(target=traffic, args=(k,)) for k in range(3)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            time.sleep(3)  # a few more scrapes after the last request
+            empty = []
+            for expr in dashboard_exprs():
+                if expr.startswith("label_values("):
+                    continue
+                r = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", timeout=10,
+                              params={"query": expr.replace("$model_name", ".*")}).json()
+                assert r["status"] == "success", (expr, r)
+                if not r["data"]["result"]:
+                    empty.append(expr)
+            assert not empty, "queries with no data:\n" + "\n".join(empty)
+        finally:
+            prom.terminate()
+            prom.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------------------------------------------
