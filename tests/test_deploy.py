@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx
@@ -241,8 +240,39 @@ def test_dockerfile_variants():
     assert re.search(r"nvidia/cuda:\S+-runtime-", text)
 
 
+def _glob_regex(pattern: str) -> re.Pattern:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
+    return re.compile(out + "$")
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or one of its parent folders decides."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        rx = _glob_regex(pattern.lstrip("!").strip("/"))
+        if any(rx.match(c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
 def test_dockerfile_copies_exist_and_are_not_ignored():
-    ignore = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"]
+    patterns = dockerignore_patterns()
     for kind, args in dockerfile_instructions():
         if kind != "COPY" or "--from=" in args:
             continue
@@ -251,8 +281,23 @@ def test_dockerfile_copies_exist_and_are_not_ignored():
             if "*" in src:
                 continue  # optional glob (README.md*)
             assert (ROOT / src).exists(), f"COPY source {src} is missing"
-            hits = [p for p in ignore if fnmatch(src, p) or fnmatch(src.split("/")[0], p)]
-            assert not hits, f"COPY source {src} is excluded by .dockerignore {hits}"
+            assert not dockerignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
+            if (ROOT / src).is_dir():  # nothing the package needs inside a copied folder is excluded
+                for f in (ROOT / src).rglob("*"):
+                    rel = f.relative_to(ROOT).as_posix()
+                    if f.is_file() and "__pycache__" not in rel and not rel.endswith(".pyc"):
+                        assert not dockerignored(rel, patterns), f"{rel} is excluded by .dockerignore"
+
+
+def test_dockerignore_rules():
+    patterns = dockerignore_patterns()
+    assert dockerignored(".git/config", patterns)
+    assert dockerignored("tests/test_deploy.py", patterns)
+    assert dockerignored("server/__pycache__/app.cpython-311.pyc", patterns)
+    assert dockerignored("checkpoints/model.safetensors", patterns)  # stray weights stay out of the context
+    assert not dockerignored("engine/builtin/trimode-tiny/model.safetensors", patterns)  # the built-in model ships
+    assert not dockerignored("server/app.py", patterns)
+    assert not dockerignored("docker/entrypoint.sh", patterns)
 
 
 def _run_entrypoint(tmp_path: Path, args: list[str], env: dict[str, str]) -> dict:
