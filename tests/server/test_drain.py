@@ -37,7 +37,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        body = {"prompt": "drain me", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True,
+        body = {"prompt": "drain me", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True,
                 "mode": "diffusion", "steps": 8, "block_length": 8}
         results: list[bytes] = []
         started = [threading.Event() for _ in range(3)]

@@ -42,6 +42,11 @@ def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str) 
 
     results = asyncio.run(main())
     assert len(results) == 16
+    for i, (text, spec) in enumerate(results):  # greedy ar / self_spec: the same text as when run alone
+        if spec["mode"] != "diffusion":
+            alone = httpx.post(f"{server}/v1/completions", timeout=60, json={
+                "prompt": f"Request number {i}", "max_tokens": 24, "temperature": 0, "ignore_eos": True, **spec})
+            assert alone.json()["choices"][0]["text"] == text, spec
     after = _batch_counts(server)
     for kind in FORWARD_KINDS:
         forwards = after[kind][0] - before[kind][0]
