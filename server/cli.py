@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="checkpoint directory (default: the built-in trimode-tiny)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000)")
-    serve.add_argument("--api-key", default=os.environ.get("TRIMODE_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("TRIMODE_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on /v1/* (env TRIMODE_API_KEY)")
     serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
