@@ -5,7 +5,8 @@ when the engine is idle. Outbox: once per step the thread hands that step's outp
 single `call_soon_threadsafe`; `_dispatch` fans them out to per-request asyncio queues, so a slow client never
 blocks the engine. Admission (sequences and tokens in flight) is decided synchronously on the event loop before
 any response starts, so the slot is reserved atomically. An exception in the thread kills the engine: every
-open request gets `EngineDeadError` and `dead` stays set. This module is the only one that touches the Engine.
+open request gets `EngineDeadError` and `dead` stays set, unless the exception names the failed requests in a
+`request_ids` attribute: then only those fail and the engine goes on. Only this module touches the Engine.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ log = logging.getLogger("trimode.server")
 
 class EngineDeadError(RuntimeError):
     """The engine thread died; nothing more will be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request's batch (an exception carrying `request_ids`); the engine lives on."""
 
 
 class Overloaded(Exception):
@@ -316,6 +321,11 @@ class AsyncEngine:
         if entry is not None:
             entry[0].queue.put_nowait((entry[1], exc))
 
+    def _fail_requests(self, request_ids: list[str], exc: BaseException, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        for request_id in request_ids:
+            self._fail_request(request_id, RequestFailedError(f"the forward pass failed: {exc}"))
+
     def _fail_all(self, exc: BaseException) -> None:
         self.dead = exc
         err = EngineDeadError(f"the engine died: {type(exc).__name__}")
@@ -371,7 +381,18 @@ class AsyncEngine:
                         return
                 if eng.has_unfinished():
                     t0 = time.monotonic()
-                    outputs = eng.step()
+                    try:
+                        outputs = eng.step()
+                    except Exception as exc:
+                        failed = getattr(exc, "request_ids", None)
+                        if failed is None:
+                            raise
+                        # NOTE: a batch-scoped failure: only those requests fail (their blocks are freed)
+                        log.error("forward failed for %d request(s): %s", len(failed), exc)
+                        for request_id in failed:
+                            eng.abort_request(request_id)
+                        self._post(self._fail_requests, list(failed), exc, self._snap())
+                        continue
                     stats = copy.deepcopy(eng.last_stats)
                     self._post(self._dispatch, outputs, stats, time.monotonic() - t0, self._snap())
         except Exception as exc:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.sequence import RequestOutput, SamplingParams
-from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded
+from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
 from server.config import ServerConfig
 from server.detokenizer import IncrementalDetokenizer, StopChecker
 from server.metrics import ServerMetrics
@@ -288,7 +288,7 @@ class Serving:
             while item is not None:
                 states[item[0]].consume(item[1], gen)
                 item = None if _all_done(states) else await gen.next()
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc)) from None
         finally:
             gen.close()
@@ -305,7 +305,7 @@ class Serving:
             self.metrics.reject("queue_timeout")
             raise APIError(503, "Request queue timeout reached.",
                            headers={"Retry-After": str(self.config.retry_after)}) from None
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc)) from None
         except ValueError as exc:
             raise _bad_request(exc) from None

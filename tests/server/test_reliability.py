@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -147,3 +148,33 @@ def test_dead_engine_fails_every_open_request_and_health_turns_503(ckpt: Path) -
         assert client.get(f"{url}/ready").status_code == 503
         r = client.post(f"{url}/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == 503
+
+
+class BatchFailure(RuntimeError):
+    """What an engine raises when one forward fails: the requests of that batch, named."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__("injected batch failure")
+        self.request_ids = request_ids
+
+
+def test_a_failed_batch_fails_only_its_requests_and_the_server_goes_on(engine) -> None:
+    with serve(engine) as url, httpx.Client(timeout=30) as client:
+        victim, survivor = _open_stream(client, url, LONG), _open_stream(client, url, {**LONG, "max_tokens": 100})
+        lines = [victim.iter_lines(), survivor.iter_lines()]
+        first = [next(it) for it in lines]
+        victim_id = json.loads(first[0][len("data: "):])["id"] + "-0"
+
+        def flaky() -> list:
+            del engine.step  # back to the real method for the next step
+            raise BatchFailure([victim_id])
+
+        engine.step = flaky
+        rest = [line for line in lines[0] if line]
+        assert rest[-1] == "data: [DONE]" and '"code":500' in rest[-2] and "forward pass failed" in rest[-2]
+        tail = [line for line in lines[1] if line]
+        assert tail[-1] == "data: [DONE]" and '"finish_reason":"length"' in tail[-2]
+        assert client.get(f"{url}/health").status_code == 200
+        r = client.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3})
+        assert r.status_code == 200
+        assert metric(url, "trimode:kv_cache_usage_perc") == 0
