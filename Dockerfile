@@ -5,6 +5,7 @@
 #
 # Both images run `trimode serve` as a non-root user, listen on 0.0.0.0:8000, read checkpoints from the /models
 # volume and take their configuration from arguments and TRIMODE_* environment variables (docker/entrypoint.sh).
+# Needs BuildKit (the default builder since Docker 23): COPY --chmod, stage chosen by a build argument.
 # See docs/deployment.md.
 
 ARG VARIANT=cpu
