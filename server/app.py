@@ -148,9 +148,10 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            tokens = serving._chat_ids(req.messages)
+            tokens = await serving.chat_ids(req.messages)
         else:
-            tokens = list(serving._tokenizer("prompt").encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            assert req.prompt is not None
+            tokens = await serving.encode(req.prompt, "prompt", req.add_special_tokens)
         return {"count": len(tokens), "max_model_len": aeng.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")

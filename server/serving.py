@@ -29,6 +29,7 @@ from server.protocol import ChatCompletionRequest, ChatMessage, CompletionReques
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
                 "block_length", "threshold", "prompt")
 CONTEXT_ERROR = "This model's maximum context length"
+LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
 
 
 class APIError(Exception):
@@ -116,6 +117,7 @@ class Serving:
     config: ServerConfig
     metrics: ServerMetrics
     model_name: str
+    _max_chars: int | None = None
 
     # ---- validation ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -189,7 +191,7 @@ class Serving:
             raise APIError(400, "logprobs is not supported (no mode of this server returns them yet)", "logprobs")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported", "best_of")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = await self._completion_prompts(req.prompt)
         base = self._params(req, req.max_tokens)
         tok = self.aeng.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
@@ -210,7 +212,7 @@ class Serving:
         for name in ("tools", "response_format"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not currently supported", name)
-        ids = self._chat_ids(req.messages)
+        ids = await self.chat_ids(req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._fit(ids, self._params(req, max_tokens), max_tokens is None, "messages")
         items = [(ids, _seeded(params, j)) for j in range(req.n)]
@@ -218,7 +220,7 @@ class Serving:
         return await self._respond("chatcmpl", "chat.completion", req, items, states, 1, len(ids))
 
     # ---- prompts ------------------------------------------------------------------------------------------
-    def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
+    async def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
         if isinstance(prompt, str):
             raw: list[Any] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -234,24 +236,44 @@ class Serving:
             if isinstance(p, str):
                 if not p:
                     raise APIError(400, "prompt must not be empty", "prompt")
-                out.append((list(self._tokenizer("prompt").encode(p)), p))
+                out.append((await self.encode(p, "prompt"), p))
             else:
                 if not p:
                     raise APIError(400, "prompt must not be empty", "prompt")
                 out.append((list(p), None))
         return out
 
-    def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def _check_chars(self, num_chars: int, what: str) -> None:
+        """Refuse, without tokenizing, text longer than any max_model_len-token text can be."""
+        if self._max_chars is None:
+            tok = self.aeng.tokenizer
+            self._max_chars = self.aeng.max_model_len * max((len(t) for t in tok.get_vocab()), default=1)
+        if num_chars > self._max_chars:
+            raise APIError(400, f"This model's maximum context length is {self.aeng.max_model_len} tokens, and "
+                           f"the {what} ({num_chars} characters) is longer than any text of that many tokens.",
+                           what)
+
+    async def encode(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize; long texts off the event loop (the tokenizer releases the GIL), absurd ones not at all."""
+        tok = self._tokenizer(what)
+        self._check_chars(len(text), what)
+        if len(text) <= LOOP_TOKENIZE_CHARS:
+            return list(tok.encode(text, add_special_tokens=add_special_tokens))
+        return list(await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens))
+
+    async def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat template applied to `messages` (plus the assistant prompt), as token ids."""
         tok = self._tokenizer("messages")
         msgs = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
             msgs.append({"role": m.role, "content": content})
+        self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # template errors (jinja raise_exception, missing template) are the user's
             raise APIError(400, f"chat template error: {exc}"[:500], "messages") from None
-        return list(tok.encode(text, add_special_tokens=False))
+        return await self.encode(text, "messages", add_special_tokens=False)
 
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
         tok = self.aeng.tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -20,6 +22,9 @@ BAD = [  # (path, body, status, param)
     (C, {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     (C, {"prompt": "x", "max_tokens": 10_000}, 400, "input_tokens"),
     (C, {"prompt": "x" * 600}, 400, "input_tokens"),
+    (C, {"prompt": "x" * 5000}, 400, "input_tokens"),  # tokenized off the event loop
+    (C, {"prompt": "x" * 1_000_000}, 400, "prompt"),  # refused before tokenizing
+    (CH, {"messages": [{"role": "user", "content": "y" * 100_000}]}, 400, "messages"),
     (C, {"prompt": "x", "temperature": -1}, 400, "temperature"),
     (C, {"prompt": "x", "top_p": 0}, 400, "top_p"),
     (C, {"prompt": "x", "top_k": -2}, 400, "top_k"),
@@ -84,6 +89,12 @@ def test_unknown_routes_and_methods_are_openai_shaped(server: str) -> None:
 def test_unknown_fields_are_ignored_and_user_is_accepted(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, "user": "u1", "zzz": 1})
     assert r.status_code == 200
+
+
+def test_a_huge_prompt_is_refused_fast(server: str) -> None:
+    t0 = time.monotonic()
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "z" * 3_000_000}, timeout=30)
+    assert r.status_code == 400 and time.monotonic() - t0 < 2
 
 
 def test_server_keeps_serving_after_the_battery(server: str) -> None:
