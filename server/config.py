@@ -8,13 +8,17 @@ string keeps the raw text.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from engine.config import EngineConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
