@@ -1,0 +1,145 @@
+"""The load generator against a live trimode server (a tiny random checkpoint), and the benchmark suite's modes part,
+plot and summary on that server. The suite itself (python -m loadtest.suite) is not run here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest import BenchmarkConfig, run_benchmark, suite
+from tests.checkpoints import write_nld_checkpoint
+from tests.server_fixtures import live_server, write_char_tokenizer
+
+MODES = ("ar", "diffusion", "self_spec")
+TOP_KEYS = [
+    "date", "backend", "base_url", "endpoint", "model_id", "num_prompts", "request_rate", "burstiness",
+    "max_concurrency", "tokenize_used", "duration", "completed", "failed", "total_input_tokens",
+    "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
+    "max_output_tokens_per_s", "max_concurrent_requests", "total_chunks", "mean_tokens_per_chunk", "per_mode",
+    "input_lens", "output_lens", "ttfts", "itls", "latencies", "modes", "tokens_per_forward", "server_counters",
+    "spec_decode", "metrics_scraped", "errors", "config",
+]  # fmt: skip
+PER_MODE_KEYS = [
+    "completed",
+    "failed",
+    "total_output_tokens",
+    "output_throughput",
+    "mean_ttft_ms",
+    "mean_tpot_ms",
+    "mean_itl_ms",
+    "mean_e2el_ms",
+    "mean_tokens_per_chunk",
+]
+SPEC_KEYS = ["num_drafts", "num_draft_tokens", "num_accepted_tokens", "acceptance_rate", "acceptance_length"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench-ckpt")
+    write_nld_checkpoint(path, lora_rank=4)
+    write_char_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ckpt: Path) -> Iterator[str]:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    engine = Engine(
+        EngineConfig(model=str(ckpt), device="cpu", num_kv_tokens=4096, max_num_seqs=16, max_num_batched_tokens=512)
+    )
+    with live_server(create_app(engine, ServerConfig(log_level="warning"))) as url:
+        yield url
+
+
+def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    cfg = BenchmarkConfig(
+        base_url=server,
+        num_prompts=6,
+        max_concurrency=3,
+        input_len=12,
+        output_len=8,
+        mode_mix="ar=1,diffusion=1,self_spec=1",
+        ignore_eos=True,
+        no_progress=True,
+        seed=1,
+        save_result=str(out),
+    )
+    returned = asyncio.run(run_benchmark(cfg))
+    result = json.loads(out.read_text())
+    assert result["completed"] == returned["completed"] == 6, result["errors"]
+    for key in TOP_KEYS:
+        assert key in result, key
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p50", "p90", "p99"):
+            assert result[f"{stat}_{metric}_ms"] >= 0, (stat, metric)
+    assert result["failed"] == 0 and result["errors"] == []
+    assert result["total_output_tokens"] == 6 * 8 and result["output_lens"] == [8] * 6  # ignore_eos: exact lengths
+    assert result["tokenize_used"] is True  # whole words fitted to ~12 char tokens with /tokenize
+    assert abs(result["total_input_tokens"] - 6 * 12) <= 6 * 4 and len(result["input_lens"]) == 6
+    assert result["metrics_scraped"] is True
+    assert sorted(result["modes"]) == sorted(MODES * 2)  # the server reports the mode it ran
+    for mode in MODES:
+        per = result["per_mode"][mode]
+        for key in PER_MODE_KEYS:
+            assert key in per, (mode, key)
+        assert per["completed"] == 2 and per["total_output_tokens"] == 16
+        assert result["tokens_per_forward"][mode] > 0, mode  # from the server's Prometheus counters
+        assert result["server_counters"][mode]["generation_tokens"] >= 16
+    for key in SPEC_KEYS:
+        assert key in result["spec_decode"], key
+    assert result["spec_decode"]["num_drafts"] > 0  # self_spec drafted
+    assert result["config"]["mode_mix"] == "ar=1,diffusion=1,self_spec=1"
+
+
+def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Path) -> None:
+    settings = suite.settings_from(
+        suite.build_parser().parse_args(
+            ["--quick", "--concurrencies", "1,2", "--output-len", "6", "--input-len", "10", "--out-dir", str(tmp_path)]
+        )
+    )
+    tok = suite.load_local_tokenizer(str(ckpt))
+    dataset = tmp_path / "prompts.jsonl"
+    rows = suite.build_prompts(tok, 2, settings.input_len, settings.output_len, 0, dataset)
+    assert all(abs(len(tok.encode(r["prompt"])) - 10) <= 4 for r in rows)  # whole words, ~10 char tokens
+    modes = suite.part_modes(settings, str(ckpt), server, dataset)
+    assert set(modes["table"]) == set(MODES)
+    for mode, table in modes["table"].items():
+        assert [r["concurrency"] for r in table] == [1, 2]
+        for row in table:
+            assert row["completed"] == row["num_prompts"] == 2, (mode, row["errors"])
+            assert row["total_output_tokens"] == 12 and row["output_throughput"] > 0 and row["mean_tpot_ms"] > 0
+            assert row["tokens_per_forward"] is not None
+    assert modes["crossover_concurrency"] == suite.crossover(modes["table"])
+    suite.plot_modes(modes, tmp_path / "modes.png", "tiny")
+    assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = {
+        "command": "python -m loadtest.suite --quick",
+        "started_at": "t0",
+        "finished_at": "t1",
+        "modes": modes,
+        "machine": suite.machine_info(1),
+        "load": {"modes": {"mean": 1.0, "max": 2.0}},
+    }
+    md = suite.summary_markdown(res)
+    assert "| self_spec | 2 | 2/2 |" in md and "Crossover" in md
+
+
+def test_crossover_rule() -> None:
+    def table(ar: list[float], ss: list[float]) -> dict:
+        return {
+            "ar": [{"concurrency": c, "output_throughput": v} for c, v in zip((1, 2, 4), ar)],
+            "self_spec": [{"concurrency": c, "output_throughput": v} for c, v in zip((1, 2, 4), ss)],
+        }
+
+    assert suite.crossover(table([1, 2, 5], [3, 3, 4])) == 4
+    assert suite.crossover(table([1, 3, 5], [3, 3, 4])) == 2  # equal counts as overtaken
+    assert suite.crossover(table([1, 2, 3], [3, 4, 5])) is None
