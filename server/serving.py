@@ -202,7 +202,7 @@ class Serving:
             for j in range(req.n):
                 items.append((ids, _seeded(params, j)))
                 states.append(self._choice(len(states), ids, stop, req.include_stop_str_in_output, echo))
-        return await self._respond("cmpl", "text_completion", req, items, states, len(prompts),
+        return await self._respond("cmpl", "text_completion", req, items, states,
                                    sum(len(ids) for ids, _ in prompts))
 
     async def chat(self, req: ChatCompletionRequest) -> Response:
@@ -217,7 +217,7 @@ class Serving:
         params = self._fit(ids, self._params(req, max_tokens), max_tokens is None, "messages")
         items = [(ids, _seeded(params, j)) for j in range(req.n)]
         states = [self._choice(j, ids, stop, req.include_stop_str_in_output, "") for j in range(req.n)]
-        return await self._respond("chatcmpl", "chat.completion", req, items, states, 1, len(ids))
+        return await self._respond("chatcmpl", "chat.completion", req, items, states, len(ids))
 
     # ---- prompts ------------------------------------------------------------------------------------------
     async def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
@@ -283,7 +283,7 @@ class Serving:
     # ---- running ------------------------------------------------------------------------------------------
     async def _respond(self, id_prefix: str, obj: str, req: CompletionRequest | ChatCompletionRequest,
                        items: list[tuple[list[int], SamplingParams]], states: list[ChoiceState],
-                       num_prompts: int, num_prompt_tokens: int) -> Response:
+                       num_prompt_tokens: int) -> Response:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         timeout = req.timeout if req.timeout is not None else self.config.request_timeout
         try:
@@ -308,7 +308,8 @@ class Serving:
         try:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
-                states[item[0]].consume(item[1], gen)
+                if states[item[0]].finish_reason is None:  # else: stale output of a choice a stop string ended
+                    states[item[0]].consume(item[1], gen)
                 item = None if _all_done(states) else await gen.next()
         except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc)) from None
