@@ -170,6 +170,18 @@ class LoadSampler:
 # ---------------------------------------------------------------------------------------------------- servers
 
 
+def process_cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of ``pid`` (all its threads) from /proc; this process when None."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class ServerStartError(RuntimeError):
     pass
 
@@ -227,6 +239,10 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise ServerStartError(f"{self.name} not ready after {timeout:.0f} s; log tail:\n{self.log_tail()}")
             time.sleep(0.5)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL (the process group: uvicorn workers, threads)."""
@@ -455,7 +471,13 @@ def offline_run(llm: Any, prompt_ids: list[list[int]], output_len: int, mode: st
 
 
 def part_overhead(
-    s: Settings, model: str, url: str, dataset: Path, rows: list[dict[str, Any]], tok: Any
+    s: Settings,
+    model: str,
+    url: str,
+    dataset: Path,
+    rows: list[dict[str, Any]],
+    tok: Any,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -473,11 +495,18 @@ def part_overhead(
         raw: list[dict[str, Any]] = []
         for rep in range(s.overhead_repeats):
             log(f"overhead: repeat {rep + 1}/{s.overhead_repeats}: offline, {n} prompts, max_num_seqs={c}")
+            cpu0 = process_cpu_seconds()
             off = offline_run(llm, ids, s.output_len, mode)
+            off["cpu_seconds"] = process_cpu_seconds() - cpu0
             log(f"overhead: offline {off['output_throughput']:.1f} tok/s; server at max-concurrency {c}")
+            cpu0, srv0 = process_cpu_seconds(), process_cpu_seconds(server_pid) if server_pid else None
             res = bench(url, dataset, n, c, s.output_len, mode=mode, knobs=s.knobs, seed=s.seed)
+            client_cpu, srv1 = process_cpu_seconds() - cpu0, process_cpu_seconds(server_pid) if server_pid else None
             raw.append(res)
             srv = summarize(res, mode)
+            # CPU seconds: the server process (engine + HTTP) and the load generator (this process), same machine
+            srv["server_cpu_seconds"] = srv1 - srv0 if srv0 is not None and srv1 is not None else None
+            srv["client_cpu_seconds"] = client_cpu
             log(f"overhead: server {srv['output_throughput']:.1f} tok/s")
             runs.append({"offline": off, "server": srv, "ratio": srv["output_throughput"] / off["output_throughput"]})
     finally:
@@ -811,17 +840,19 @@ def summary_markdown(res: dict[str, Any]) -> str:
             f"## 1. Serving overhead ({ov['mode']}, concurrency {ov['concurrency']}, {ov['num_prompts']} "
             f"prompts, {ov['input_len']} in / {ov['output_len']} out)",
             "",
-            "| run | offline tok/s | server tok/s | server / offline |",
-            "|---|---|---|---|",
+            "| run | offline tok/s | server tok/s | server / offline | CPU s: offline / server / load generator |",
+            "|---|---|---|---|---|",
         ]
         for i, r in enumerate(ov["runs"], 1):
             lines.append(
                 f"| {i} | {fmt(r['offline']['output_throughput'])} | "
-                f"{fmt(r['server']['output_throughput'])} | {fmt(r['ratio'], 3)} |"
+                f"{fmt(r['server']['output_throughput'])} | {fmt(r['ratio'], 3)} | "
+                f"{fmt(r['offline'].get('cpu_seconds'))} / {fmt(r['server'].get('server_cpu_seconds'))} / "
+                f"{fmt(r['server'].get('client_cpu_seconds'))} |"
             )
         lines += [
             f"| **best** | **{fmt(ov['offline_output_throughput'])}** | **{fmt(ov['server_output_throughput'])}**"
-            f" | **{fmt(ov['ratio'], 3)}** |",
+            f" | **{fmt(ov['ratio'], 3)}** | |",
             "",
             f"Target server >= {OVERHEAD_TARGET:.0%} of offline: **{fmt(ov['meets_target'])}** ({ov['ratio']:.1%}).",
         ]
@@ -907,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead-concurrency", type=int, default=8)
     p.add_argument("--overhead-prompts", type=int, help="requests per side, part 1 (default 32; quick 8)")
     p.add_argument("--overhead-mode", choices=MODES, default="ar")
-    p.add_argument("--overhead-repeats", type=int, help="offline/server alternations, part 1 (default 2; quick 1)")
+    p.add_argument("--overhead-repeats", type=int, help="offline/server alternations, part 1 (default 3; quick 1)")
     p.add_argument("--hf-concurrencies", type=parse_ints, help="part 3 levels (default 1,4,16; quick 1,4)")
     p.add_argument("--hf-input-len", type=int, help="part 3 prompt tokens (default 64; quick 16)")
     p.add_argument("--hf-output-len", type=int, help="part 3 output tokens (default 32; quick 8)")
@@ -945,7 +976,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         overhead_concurrency=args.overhead_concurrency,
         overhead_prompts=pick(args.overhead_prompts, 32, 8),
         overhead_mode=args.overhead_mode,
-        overhead_repeats=pick(args.overhead_repeats, 2, 1),
+        overhead_repeats=pick(args.overhead_repeats, 3, 1),
         hf_concurrencies=pick(args.hf_concurrencies, [1, 4, 16], [1, 4]),
         hf_input_len=pick(args.hf_input_len, 64, 16),
         hf_output_len=pick(args.hf_output_len, 32, 8),
@@ -1017,7 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
                 url = None
             try:
                 if url and "overhead" in s.parts:
-                    run_part(res, "overhead", sampler, lambda: part_overhead(s, model, url, dataset, rows, tok))
+                    run_part(
+                        res, "overhead", sampler, lambda: part_overhead(s, model, url, dataset, rows, tok, server.pid)
+                    )
                     write_outputs(res, s.out_dir)
                 if url and "modes" in s.parts:
                     run_part(res, "modes", sampler, lambda: part_modes(s, model, url, dataset))
