@@ -34,6 +34,18 @@ def default_model_path() -> str:
     return str(BUILTIN_MODEL)
 
 
+class BatchError(RuntimeError):
+    """A forward (or its postprocess) failed: only the sequences of that batch are affected.
+
+    `request_ids` names them; the caller aborts them (freeing their blocks) and the engine serves on.
+    """
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.__cause__ = cause
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -136,6 +148,12 @@ class Engine:
         if batch is None:
             stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
             return []
+        try:
+            return self._run_batch(batch, stats, preempted_before)
+        except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch's requests
+            raise BatchError([s.request_id for s in batch.seqs], exc) from exc
+
+    def _run_batch(self, batch: Batch, stats: StepStats, preempted_before: int) -> list[RequestOutput]:
         logits = self.runner.run(batch)
         stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.name, len(batch.seqs), \
             batch.num_query_tokens

@@ -133,3 +133,29 @@ def _reference_llm(path) -> LLM:
     if "r" not in _LLMS:
         _LLMS["r"] = LLM(model=str(path), num_kv_tokens=4096)
     return _LLMS["r"]
+
+
+def test_a_failing_forward_fails_only_its_batch(tiny_llm):
+    import pytest
+
+    from engine.engine import BatchError
+
+    eng = tiny_llm.engine
+    eng.add_request("bad", [5, 6, 7], _params("ar", 5))
+    run = eng.runner.run
+
+    def boom(batch):
+        raise RuntimeError("injected")
+
+    eng.runner.run = boom
+    try:
+        with pytest.raises(BatchError) as info:
+            eng.step()
+    finally:
+        eng.runner.run = run
+    assert info.value.request_ids == ["bad"]
+    for rid in info.value.request_ids:
+        eng.abort_request(rid)
+    assert eng.num_free_blocks == eng.num_total_blocks
+    out = tiny_llm.generate([[5, 6, 7]], _params("self_spec", 5))[0]
+    assert len(out.token_ids) == 5
