@@ -63,6 +63,9 @@ def generate(model_dir: Path, tokenizer_dir: Path, out: Path, n: int, max_tokens
                 cut = next((i + 1 for i, t in enumerate(o) if t in stops), len(o))
                 f.write(json.dumps({"prompt": p, "output": o[:cut], "temperature": tmp}) + "\n")
                 ntok += cut
+    args = {"n": n, "max_tokens": max_tokens, "greedy_share": greedy_share, "temperature": temperature,
+            "top_p": top_p, "gen_seed": seed, "generated_tokens": ntok, "gen_seconds": round(time.time() - t0)}
+    (out.parent / "gen_args.json").write_text(json.dumps(args, indent=2) + "\n")
     print(f"generated {ntok} tokens in {time.time() - t0:.0f}s ({ntok / (time.time() - t0):.0f} tok/s)")
 
 
@@ -121,6 +124,11 @@ def train(model_dir: Path, data: Path, out: Path, r: int, alpha: float, steps: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
+    gen_args = data.parent / "gen_args.json"
+    meta = json.loads(gen_args.read_text()) if gen_args.exists() else {}
+    meta.update({"rank": r, "alpha": alpha, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+                 "full_share": full_share, "seed": seed})
+    (out / "distill_args.json").write_text(json.dumps(meta, indent=2) + "\n")
     log = open(out / "distill_log.jsonl", "w")
     bar = tqdm(range(steps), desc="distill", mininterval=5)
     t0 = time.time()
@@ -167,13 +175,13 @@ def main() -> None:
     t.add_argument("--model", type=Path, required=True)
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--rank", type=int, default=64)
-    t.add_argument("--alpha", type=float, default=128.0)
+    t.add_argument("--rank", type=int, default=128)
+    t.add_argument("--alpha", type=float, default=256.0)
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--full-share", type=float, default=0.5)
+    t.add_argument("--full-share", type=float, default=0.7)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
