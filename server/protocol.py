@@ -40,7 +40,7 @@ class SamplingFields(OpenAIModel):
     """Fields shared by both endpoints."""
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range; below SAMPLING_EPS means greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     n: int = Field(1, ge=1)

@@ -29,6 +29,7 @@ from server.protocol import ChatCompletionRequest, ChatMessage, CompletionReques
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
                 "block_length", "threshold", "prompt")
 CONTEXT_ERROR = "This model's maximum context length"
+SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
 
 
@@ -149,7 +150,8 @@ class Serving:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else 16,
-                temperature=1.0 if req.temperature is None else req.temperature,
+                temperature=1.0 if req.temperature is None else 0.0 if req.temperature < SAMPLING_EPS
+                else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,

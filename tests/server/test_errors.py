@@ -26,6 +26,8 @@ BAD = [  # (path, body, status, param)
     (C, {"prompt": "x" * 1_000_000}, 400, "prompt"),  # refused before tokenizing
     (CH, {"messages": [{"role": "user", "content": "y" * 100_000}]}, 400, "messages"),
     (C, {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    (C, {"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    (C, {"prompt": "x", "temperature": 1e308}, 400, "temperature"),
     (C, {"prompt": "x", "top_p": 0}, 400, "top_p"),
     (C, {"prompt": "x", "top_k": -2}, 400, "top_k"),
     (C, {"prompt": "x", "n": 0}, 400, "n"),
@@ -89,6 +91,15 @@ def test_unknown_routes_and_methods_are_openai_shaped(server: str) -> None:
 def test_unknown_fields_are_ignored_and_user_is_accepted(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, "user": "u1", "zzz": 1})
     assert r.status_code == 200
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_dead_engine(server: str) -> None:
+    body = {"prompt": "tiny temperature", "max_tokens": 8, "ignore_eos": True}
+    outs = [httpx.post(f"{server}/v1/completions", json={**body, "temperature": t, "mode": m}, timeout=30)
+            for m in ("ar", "diffusion") for t in (0, 1e-300, 5e-324)]
+    assert all(r.status_code == 200 for r in outs)
+    assert len({r.json()["choices"][0]["text"] for r in outs[:3]}) == 1
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_a_huge_prompt_is_refused_fast(server: str) -> None:
