@@ -7,6 +7,7 @@ combinations are created up front so dashboards see zeros rather than missing se
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engine.config import MODES
@@ -26,6 +27,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
+        prometheus_client.disable_created_metrics()  # as vLLM: no *_created series
         self.registry = r = CollectorRegistry()
         m, mm = ["model_name"], ["model_name", "mode"]
         p = "trimode:"
