@@ -178,3 +178,30 @@ def test_a_failed_batch_fails_only_its_requests_and_the_server_goes_on(engine) -
         r = client.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3})
         assert r.status_code == 200
         assert metric(url, "trimode:kv_cache_usage_perc") == 0
+
+
+def test_a_real_forward_failure_fails_only_that_batch(engine) -> None:
+    """The engine's BatchError path: a denoise forward throws; the diffusion request fails, the ar one finishes."""
+    with serve(engine) as url, httpx.Client(timeout=30) as client:
+        victim = _open_stream(client, url, {**LONG, "mode": "diffusion"})
+        survivor = _open_stream(client, url, {**LONG, "max_tokens": 100, "mode": "ar"})
+        lines = [victim.iter_lines(), survivor.iter_lines()]
+        for it in lines:
+            next(it)
+        run = engine.runner.run
+
+        def flaky(batch, *args, **kwargs):
+            if batch.name != "denoise":
+                return run(batch, *args, **kwargs)
+            del engine.runner.run
+            raise RuntimeError("injected denoise failure")
+
+        engine.runner.run = flaky
+        rest = [line for line in lines[0] if line]
+        assert rest[-1] == "data: [DONE]" and '"code":500' in rest[-2] and "injected" in rest[-2]
+        tail = [line for line in lines[1] if line]
+        assert tail[-1] == "data: [DONE]" and '"finish_reason":"length"' in tail[-2]
+        assert client.get(f"{url}/health").status_code == 200
+        assert client.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3,
+                                                           "mode": "diffusion"}).status_code == 200
+        assert metric(url, "trimode:kv_cache_usage_perc") == 0
