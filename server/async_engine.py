@@ -384,6 +384,7 @@ class AsyncEngine:
                     try:
                         outputs = eng.step()
                     except Exception as exc:
+                        # engine.engine.BatchError, matched by attribute: importing it would import torch
                         failed = getattr(exc, "request_ids", None)
                         if failed is None:
                             raise
