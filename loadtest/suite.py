@@ -886,15 +886,17 @@ def summary_markdown(res: dict[str, Any]) -> str:
             f"## 2. Modes ({md['model']}, {md['input_len']} in / {md['output_len']} out, knobs "
             f"{md['knobs'] or 'server defaults'})",
             "",
-            "| mode | concurrency | requests | output tok/s | mean TTFT ms | mean TPOT ms | tokens/forward |",
-            "|---|---|---|---|---|---|---|",
+            "| mode | concurrency | requests | output tok/s | mean TTFT ms | mean TPOT ms | tokens/forward "
+            "| self_spec acceptance length |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for mode, rows in md["table"].items():
             for r in rows:
                 lines.append(
                     f"| {mode} | {r['concurrency']} | {r['completed']}/{r['num_prompts']} | "
                     f"{fmt(r['output_throughput'])} | {fmt(r['mean_ttft_ms'], 0)} | "
-                    f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} |"
+                    f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} | "
+                    f"{fmt(r.get('acceptance_length'), 2) if mode == 'self_spec' else ''} |"
                 )
         lines += ["", f"**Crossover: {md['crossover_note']}.**", "", "![modes](modes.png)"]
     tf = res.get("transformers")
