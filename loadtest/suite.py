@@ -958,8 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, help="prompt tokens, parts 1-2 (default 128; quick 32)")
     p.add_argument("--output-len", type=int, help="output tokens, parts 1-2 (default 64; quick 16)")
     p.add_argument("--concurrencies", type=parse_ints, help="part 2 levels (default 1,2,4,8,16; quick 1,4)")
-    p.add_argument("--per-slot", type=int, help="requests per concurrency slot at each level (default 2; quick 1)")
-    p.add_argument("--min-prompts", type=int, help="fewest requests at a level (default 4; quick 2)")
+    p.add_argument("--per-slot", type=int, help="requests per concurrency slot at each level (default 3; quick 1)")
+    p.add_argument("--min-prompts", type=int, help="fewest requests at a level (default 6; quick 2)")
     p.add_argument("--overhead-concurrency", type=int, default=8)
     p.add_argument("--overhead-prompts", type=int, help="requests per side, part 1 (default 32; quick 8)")
     p.add_argument("--overhead-mode", choices=MODES, default="ar")
@@ -996,8 +996,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         input_len=pick(args.input_len, 128, 32),
         output_len=pick(args.output_len, 64, 16),
         concurrencies=pick(args.concurrencies, [1, 2, 4, 8, 16], [1, 4]),
-        per_slot=pick(args.per_slot, 2, 1),
-        min_prompts=pick(args.min_prompts, 4, 2),
+        per_slot=pick(args.per_slot, 3, 1),
+        min_prompts=pick(args.min_prompts, 6, 2),
         overhead_concurrency=args.overhead_concurrency,
         overhead_prompts=pick(args.overhead_prompts, 32, 8),
         overhead_mode=args.overhead_mode,
