@@ -356,7 +356,7 @@ class Serving:
             if include_usage:
                 completion_tokens = sum(s.num_output_tokens for s in states)
                 yield sse(dict(base, choices=[], usage=_usage(num_prompt_tokens, completion_tokens), mode=mode))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (cancelled, or closed between chunks)
             self.metrics.client_disconnected.labels(self.model_name).inc()
             raise
         except Exception as exc:  # after the 200: an error event, then [DONE]
