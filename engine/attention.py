@@ -25,12 +25,9 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
-    # q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; GQA by repeating KV heads (portable across torch builds)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    # q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]; SDPA's own GQA reads each KV head for its query group (no copies)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 @dataclass
@@ -74,8 +71,11 @@ class KVCache:
 class PagedContext:
     """Attention over the paged cache for a ragged batch of sequences.
 
-    q_lens[b] query tokens of sequence b sit at positions k_lens[b] - q_lens[b] ... k_lens[b] - 1; their K/V goes
-    to `slot_mapping` (flat slot = block * block_size + offset) before attention reads the pages.
+    q_lens[b] query tokens of sequence b sit at positions k_lens[b] - q_lens[b] ... k_lens[b] - 1 (`positions`);
+    their K/V goes to `slot_mapping` (flat slot = block * block_size + offset) before attention reads the pages.
+    Every index tensor and the mask are built once per forward, vectorised; `attend` runs per layer and only
+    writes, gathers and calls the kernel. Decode batches (one query per sequence) need no query gather and no
+    causal mask; a lone sequence needs no padding.
     """
 
     cache: KVCache
@@ -84,66 +84,75 @@ class PagedContext:
     q_lens: list[int]
     k_lens: list[int]  # context length of each sequence *including* this forward's query tokens
     block_tables: list[list[int]]
-    slot_mapping: torch.Tensor  # [T] int64
     use_flash: bool = False
-    _prepared: dict = field(default_factory=dict)
+    positions: torch.Tensor = field(init=False)  # [T] int64, position of every query token
+    slot_mapping: torch.Tensor = field(init=False)  # [T] int64, cache slot of every query token
+    _prepared: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        device = self.slot_mapping.device
+        device = self.cache.k.device
         bs = self.cache.block_size
-        b = len(self.q_lens)
-        if self.use_flash:
-            max_blocks = max(len(t) for t in self.block_tables)
-            tables = torch.zeros((b, max_blocks), dtype=torch.int32)
-            for i, t in enumerate(self.block_tables):
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            cu_q = torch.tensor([0, *torch.tensor(self.q_lens).cumsum(0).tolist()], dtype=torch.int32)
-            cu_k = torch.tensor([0, *torch.tensor(self.k_lens).cumsum(0).tolist()], dtype=torch.int32)
-            self._prepared = dict(tables=tables.to(device), cu_q=cu_q.to(device), cu_k=cu_k.to(device))
-            return
+        b, t = len(self.q_lens), sum(self.q_lens)
+        max_blocks = max(len(tb) for tb in self.block_tables)
+        tables = torch.tensor([tb + [0] * (max_blocks - len(tb)) for tb in self.block_tables])  # [B, max_blocks]
+        q_lens, k_lens = torch.tensor(self.q_lens), torch.tensor(self.k_lens)  # [B]
+        q_start = q_lens.cumsum(0) - q_lens  # [B] first flat row of each sequence
+        seq_of = torch.repeat_interleave(torch.arange(b), q_lens)  # [T]
+        pos = (k_lens - q_lens)[seq_of] + torch.arange(t) - q_start[seq_of]  # [T]
+        self.positions = pos.to(device)
+        self.slot_mapping = (tables[seq_of, pos // bs] * bs + pos % bs).to(device)
         max_q, max_k = max(self.q_lens), max(self.k_lens)
-        # gather index of every key slot [B, max_k] and of every query row [B, max_q] (-1 = padding)
-        kv_idx = torch.zeros((b, max_k), dtype=torch.long)
-        q_idx = torch.full((b, max_q), -1, dtype=torch.long)
-        q_pos = torch.zeros((b, max_q), dtype=torch.long)
-        k_valid = torch.zeros((b, max_k), dtype=torch.bool)
-        start = 0
-        for i, (ql, kl, table) in enumerate(zip(self.q_lens, self.k_lens, self.block_tables)):
-            pos = torch.arange(kl)
-            kv_idx[i, :kl] = torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs
-            k_valid[i, :kl] = True
-            q_idx[i, :ql] = torch.arange(start, start + ql)
-            q_pos[i, :ql] = torch.arange(kl - ql, kl)
-            start += ql
+        if self.use_flash:
+            zero = torch.zeros(1, dtype=torch.long)
+            cu_q, cu_k = torch.cat([zero, q_lens.cumsum(0)]), torch.cat([zero, k_lens.cumsum(0)])
+            self._prepared = dict(tables=tables.to(device, torch.int32), cu_q=cu_q.to(device, torch.int32),
+                                  cu_k=cu_k.to(device, torch.int32), max_q=max_q, max_k=max_k)
+            return
         key_pos = torch.arange(max_k)
-        mask = k_valid[:, None, :].expand(b, max_q, max_k)
-        if self.causal:
-            mask = mask & (key_pos[None, None, :] <= q_pos[:, :, None])
-        # padded query rows attend to key 0 so that SDPA never sees an all-masked row (their output is dropped)
-        mask = mask | ((q_idx < 0)[:, :, None] & (key_pos == 0)[None, None, :])
-        q_rows = q_idx.clamp(min=0)
-        self._prepared = dict(
-            kv_idx=kv_idx.to(device), mask=mask[:, None].to(device), q_rows=q_rows.to(device),
-            q_flat=(q_idx >= 0).flatten().nonzero().squeeze(1).to(device),
-        )
+        kv_idx = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, max_k] (padding -> a slot of block 0, masked)
+        k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
+        p: dict = dict(kv_idx=kv_idx.flatten().to(device), shape=(b, max_k), is_causal=False)
+        if max_q == 1:  # decode: the only query sees every key of its sequence, causal or not
+            p.update(path="decode", mask=None if bool(k_valid.all()) else k_valid[:, None, None, :].to(device))
+        elif b == 1 and (not self.causal or max_k == max_q):
+            # a lone sequence, bidirectional over everything or a fresh causal prefill: no mask at all
+            p.update(path="single", mask=None, is_causal=self.causal)
+        else:
+            q_off = torch.arange(max_q)
+            q_valid = q_off[None, :] < q_lens[:, None]  # [B, max_q]
+            q_pos = (k_lens - q_lens)[:, None] + q_off[None, :]  # [B, max_q]
+            mask = k_valid[:, None, :].expand(b, max_q, max_k)
+            if self.causal:
+                mask = mask & (key_pos[None, None, :] <= q_pos[:, :, None])
+            # padded query rows attend to key 0 so that SDPA never sees an all-masked row (their output is dropped)
+            mask = mask | (~q_valid[:, :, None] & (key_pos == 0)[None, None, :])
+            p.update(path="single" if b == 1 else "padded", mask=mask[:, None].to(device),
+                     q_rows=(q_start[:, None] + q_off[None, :]).clamp(max=t - 1).to(device),
+                     q_flat=q_valid.flatten().nonzero().squeeze(1).to(device))
+        self._prepared = p
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         hkv, d = kc.shape[-2], kc.shape[-1]
-        kc.view(-1, hkv, d)[self.slot_mapping] = k.to(kc.dtype)
-        vc.view(-1, hkv, d)[self.slot_mapping] = v.to(vc.dtype)
+        flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+        flat_k.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
+        flat_v.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
         p = self._prepared
         if self.use_flash:
-            return flash_attn_varlen_func(
-                q, kc, vc, p["cu_q"], p["cu_k"], max(self.q_lens), max(self.k_lens),
-                causal=self.causal, block_table=p["tables"],
-            )
-        keys = kc.view(-1, hkv, d)[p["kv_idx"]].transpose(1, 2)  # [B, Hkv, max_k, D]
-        vals = vc.view(-1, hkv, d)[p["kv_idx"]].transpose(1, 2)
+            return flash_attn_varlen_func(q, kc, vc, p["cu_q"], p["cu_k"], p["max_q"], p["max_k"],
+                                          causal=self.causal, block_table=p["tables"])
+        b, max_k = p["shape"]
+        keys = flat_k.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, max_k, D]
+        vals = flat_v.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)
+        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
+        if p["path"] == "decode":  # row i of q is sequence i's only query
+            return _sdpa(q[:, :, None], keys, vals, p["mask"], False)[:, :, 0]  # [B, Hq, 1, D] -> [T, Hq, D]
+        if p["path"] == "single":  # the flat token axis is the sequence
+            out = _sdpa(q[None].transpose(1, 2), keys, vals, p["mask"], p["is_causal"])  # [1, Hq, T, D]
+            return out[0].transpose(0, 1)
         qb = q[p["q_rows"]].transpose(1, 2)  # [B, Hq, max_q, D]
-        out = _sdpa(qb, keys.to(q.dtype), vals.to(q.dtype), p["mask"], self.causal)  # [B, Hq, max_q, D]
-        out = out.transpose(1, 2).flatten(0, 1)  # [B*max_q, Hq, D]
-        return out[p["q_flat"]]
+        out = _sdpa(qb, keys, vals, p["mask"], False)  # [B, Hq, max_q, D]
+        return out.transpose(1, 2).flatten(0, 1)[p["q_flat"]]
 
 
 def flash_available(device: torch.device, block_size: int) -> bool:

@@ -36,11 +36,26 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _transpose_linear_storage(model: torch.nn.Module) -> None:
+    """Store every linear weight [out, in] column-major, i.e. as a contiguous [in, out] W^T: same values and shape.
+
+    NOTE: on CPU, MKL's sgemm computes x @ W^T 1.2-2.5x faster from a contiguous W^T than from nn.Linear's
+    row-major W whenever M (tokens in the forward) is not a multiple of 16: ragged decode batches, prefills,
+    diffusion blocks (about 1.5x at M = 16 too, measured). Results differ from the row-major layout only by
+    summation order (~1e-6 relative), often not at all. A tied LM head shares this storage with the embedding.
+    """
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for w in weights.values():
+        w.data = w.data.t().contiguous().t()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model, self.info = load_model(model_path, self.dtype, self.device)
+        if self.device.type == "cpu":
+            _transpose_linear_storage(self.model)
         cfg = self.info.config
         self.block_size = config.kv_block_size
         num_blocks = self._num_kv_blocks(config)
@@ -75,29 +90,27 @@ class ModelRunner:
     def run(self, batch: Batch) -> list[torch.Tensor]:
         """One forward over the batch; per sequence the logit rows it asked for ([rows, V] fp32)."""
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         q_lens: list[int] = []
         k_lens: list[int] = []
         rows: list[int] = []
         row_counts: list[int] = []
         for seq, req in zip(batch.seqs, batch.requests):
-            start, n = seq.num_computed_tokens, len(req.token_ids)
+            n = len(req.token_ids)
             input_ids += req.token_ids
-            positions += range(start, start + n)
-            slots += self.blocks.slots(seq, start, start + n)
-            base = len(input_ids) - n
-            wanted = range(base, base + n) if req.all_logits else [base + n - 1]
-            rows += wanted
-            row_counts.append(len(wanted))
+            if req.all_logits:
+                rows += range(len(input_ids) - n, len(input_ids))
+            else:
+                rows.append(len(input_ids) - 1)
+            row_counts.append(n if req.all_logits else 1)
             q_lens.append(n)
-            k_lens.append(start + n)
+            k_lens.append(seq.num_computed_tokens + n)
         dev = self.device
         ctx = PagedContext(self.cache, batch.kind == ForwardKind.CAUSAL, batch.draft_lora, q_lens, k_lens,
-                           [s.block_table for s in batch.seqs], torch.tensor(slots, dtype=torch.long, device=dev),
-                           use_flash=self.use_flash)
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), ctx)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)]).cpu()
+                           [s.block_table for s in batch.seqs], use_flash=self.use_flash)
+        hidden = self.model(torch.tensor(input_ids, device=dev), ctx.positions, ctx)
+        if len(rows) < len(input_ids):
+            hidden = hidden[torch.tensor(rows, device=dev)]
+        logits = self.model.logits(hidden).cpu()
         return list(torch.split(logits, row_counts))
 
     @torch.inference_mode()

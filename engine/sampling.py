@@ -13,9 +13,10 @@ from engine.sequence import SamplingParams
 
 
 def exclude(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
-    """Copy of fp32 logits [N, V] with the mask id made impossible."""
-    logits = logits.float().clone()
+    """fp32 logits [N, V] with the mask id made impossible (a copy when there is a mask id; never mutated later)."""
+    logits = logits.float()
     if mask_id is not None:
+        logits = logits.clone()
         logits[:, mask_id] = float("-inf")
     return logits
 
