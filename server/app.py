@@ -157,7 +157,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
         serving.check_model(req.model)
-        tok = serving._tokenizer("tokens")
+        tok = serving.require_tokenizer("tokens")
         vocab = len(tok)
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")

@@ -99,7 +99,6 @@ class TokenizeRequest(OpenAIModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(OpenAIModel):

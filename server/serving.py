@@ -178,7 +178,7 @@ class Serving:
             raise _bad_request(exc, prompt_field) from None
         return params
 
-    def _tokenizer(self, what: str) -> Any:
+    def require_tokenizer(self, what: str) -> Any:
         tok = self.aeng.tokenizer
         if tok is None:
             raise APIError(400, f"this model ships no tokenizer: {what} needs one; send token ids", what)
@@ -257,7 +257,7 @@ class Serving:
 
     async def encode(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize; long texts off the event loop (the tokenizer releases the GIL), absurd ones not at all."""
-        tok = self._tokenizer(what)
+        tok = self.require_tokenizer(what)
         self._check_chars(len(text), what)
         if len(text) <= LOOP_TOKENIZE_CHARS:
             return list(tok.encode(text, add_special_tokens=add_special_tokens))
@@ -265,7 +265,7 @@ class Serving:
 
     async def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The chat template applied to `messages` (plus the assistant prompt), as token ids."""
-        tok = self._tokenizer("messages")
+        tok = self.require_tokenizer("messages")
         msgs = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
