@@ -105,11 +105,18 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await with_cancellation(request, serving.chat(req), aeng)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "trimode", "root": model_name,
+                "parent": None, "max_model_len": aeng.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "trimode", "root": model_name,
-            "parent": None, "max_model_len": aeng.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        serving.check_model(model)
+        return model_card()
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -31,6 +31,12 @@ def test_models_lists_the_checkpoint_with_its_context_length(server: str) -> Non
     assert card["object"] == "model" and card["max_model_len"] == 512 and card["id"] == card["root"]
 
 
+def test_retrieve_model_by_id(client: openai.OpenAI, model: str, server: str) -> None:
+    assert client.models.retrieve(model).id == model
+    r = httpx.get(f"{server}/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
 def test_health_ready_version_load(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
     assert httpx.get(f"{server}/ready").json() == {"status": "ready"}
