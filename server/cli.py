@@ -119,9 +119,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine, server_cfg)
+    aeng = app.state.aeng
+    log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", aeng.metrics.model_name,
+             aeng.max_model_len, server_cfg.host, server_cfg.port,
+             "required on /v1/*" if server_cfg.api_key else "off", server_cfg)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             access_log=server_cfg.log_level == "debug", lifespan="on")
-    DrainingServer(config, app.state.aeng, server_cfg.shutdown_timeout).run()
+    DrainingServer(config, aeng, server_cfg.shutdown_timeout).run()
     return 0
 
 
