@@ -199,7 +199,7 @@ class Serving:
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
         for ids, text in prompts:
-            params = self._fit(ids, base, False, "prompt")
+            params = self._fit(ids, base, req.max_tokens is None, "prompt")
             echo = "" if not req.echo else text if text is not None else (tok.decode(ids) if tok else "")
             for j in range(req.n):
                 items.append((ids, _seeded(params, j)))

@@ -185,8 +185,19 @@ def test_stream_options_without_stream_is_400(server: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
 
 
-def test_chat_without_max_tokens_fills_the_context(client: openai.OpenAI, model: str) -> None:
+def test_null_max_tokens_fills_the_context(client: openai.OpenAI, model: str, server: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", timeout=60, json={"prompt": "null", "max_tokens": None,
+                                                                 "ignore_eos": True, "temperature": 0})
+    assert r.json()["usage"]["total_tokens"] == 512
+
     out = client.chat.completions.create(model=model, messages=CHAT, temperature=0,
                                          extra_body={"ignore_eos": True, "mode": "diffusion", "block_length": 16})
     assert out.choices[0].finish_reason == "length"
     assert out.usage.total_tokens <= 512 and out.usage.completion_tokens > 400
+
+
+@pytest.mark.parametrize("mode", ["ar", "self_spec"])
+def test_chat_without_max_tokens_fills_the_context(client: openai.OpenAI, model: str, mode: str) -> None:
+    out = client.chat.completions.create(model=model, messages=CHAT, temperature=0,
+                                         extra_body={"ignore_eos": True, "mode": mode})
+    assert out.choices[0].finish_reason == "length" and out.usage.total_tokens == 512
