@@ -35,8 +35,10 @@ def _field_docs(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^\n#]*#\s*([^\n]*)$", src, re.M)}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, tables: tuple[str, ...] = ("engine", "server")) -> None:
     for table, cls in (("engine", EngineConfig), ("server", ServerConfig)):
+        if table not in tables:
+            continue
         group = parser.add_argument_group(f"[{table}] overrides (TOML values; 'none' for None)")
         docs = _field_docs(cls)
         for f in fields(cls):
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--block-length", type=int)
     gen.add_argument("--threshold", type=float)
+    _add_config_flags(gen, ("engine",))
 
     sub.add_parser("bench", help="load-test a running server (the loadtest tool; see `trimode bench --help`)",
                    add_help=False)
@@ -133,7 +136,7 @@ def generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.sequence import SamplingParams
 
-    engine_cfg, _ = load_config(args.config, {"engine": {"model": args.model} if args.model else {}})
+    engine_cfg, _ = load_config(args.config, {"engine": overrides_from(args)["engine"]})
     kwargs = {f.name: getattr(engine_cfg, f.name) for f in fields(engine_cfg) if f.name != "model"}
     llm = LLM(engine_cfg.model, **kwargs)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, mode=args.mode,
