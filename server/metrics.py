@@ -48,7 +48,8 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "Arrival to finish.", mm, buckets=E2E_BUCKETS,
                              registry=r)
-        self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to the start of its first forward.",
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to the start of the forward that gave "
+                                    "its first token (the queue wait, for unchunked prefills).",
                                     mm, buckets=E2E_BUCKETS, registry=r)
         self.num_preemptions = Counter(p + "num_preemptions", "Preemptions by recompute.", m, registry=r)
         self.batch_size = Histogram(p + "batch_size", "Sequences per forward.", ["model_name", "forward_kind"],

@@ -58,3 +58,10 @@ def test_serve_help_documents_every_field(capsys: pytest.CaptureFixture[str]) ->
             assert f"--{table}.{f.name}" in text
     for flag in ("--config", "--model", "--host", "--port", "--api-key", "--log-level", "--shutdown-timeout"):
         assert flag in text
+
+
+def test_api_key_comes_from_the_environment_and_empty_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIMODE_API_KEY", "sk-env")
+    assert load_config(None, overrides_from(build_parser().parse_args(["serve"])))[1].api_key == "sk-env"
+    monkeypatch.setenv("TRIMODE_API_KEY", "")
+    assert load_config(None, overrides_from(build_parser().parse_args(["serve"])))[1].api_key is None
