@@ -23,7 +23,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
     key = "sk-drain-secret"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model", str(ckpt), "--port", str(port), "--api-key", key,
-         "--engine.device", "cpu", "--engine.num_kv_tokens", "4096", "--shutdown-timeout", "60"],
+         "--engine.device", "cpu", "--engine.num_kv_tokens", "4096", "--engine.max_num_seqs", "1",
+         "--shutdown-timeout", "60"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -40,22 +41,24 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
         body = {"prompt": "drain me", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True,
                 "mode": "diffusion", "steps": 8, "block_length": 8}
         results: list[bytes] = []
-        started = [threading.Event() for _ in range(3)]
+        started = threading.Event()  # set by the first stream to get a chunk
 
-        def run(ev: threading.Event) -> None:
+        def run() -> None:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as r:
                 parts = []
                 for chunk in r.iter_bytes():
-                    ev.set()
+                    started.set()
                     parts.append(chunk)
                 results.append(b"".join(parts))
 
-        threads = [threading.Thread(target=run, args=(ev,)) for ev in started]
+        threads = [threading.Thread(target=run) for _ in range(3)]
         for t in threads:
             t.start()
-        assert all(ev.wait(30) for ev in started)
+        assert started.wait(30)  # one runs; max_num_seqs 1 keeps the other two admitted but queued
         proc.send_signal(signal.SIGTERM)
-        assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+        t0 = time.monotonic()
+        while httpx.get(f"{url}/ready", timeout=5).status_code != 503:
+            assert time.monotonic() - t0 < 2, "readiness did not turn 503"
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "new"}, headers=auth, timeout=5)
         assert r.status_code == 503 and r.json()["error"]["code"] == 503 and "Retry-After" in r.headers
         assert "in-flight" not in r.text
