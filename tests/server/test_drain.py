@@ -55,6 +55,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
         for t in threads:
             t.start()
         assert started.wait(30)  # one runs; max_num_seqs 1 keeps the other two admitted but queued
+        t0 = time.monotonic()
+        while httpx.get(f"{url}/load", timeout=5).json()["server_load"] < 3:
+            assert time.monotonic() - t0 < 10, "the three requests were not all admitted"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         while httpx.get(f"{url}/ready", timeout=5).status_code != 503:

@@ -132,7 +132,10 @@ def test_dead_engine_fails_every_open_request_and_health_turns_503(ckpt: Path) -
                                                                **{k: v for k, v in LONG.items() if k != "prompt"}},
                             timeout=30)))
         t.start()
-        time.sleep(0.2)
+        t0 = time.monotonic()
+        while client.get(f"{url}/load").json()["server_load"] < 3:  # the chat request is admitted too
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
 
         def boom() -> list:
             raise RuntimeError("injected forward failure")
