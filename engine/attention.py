@@ -90,7 +90,7 @@ class PagedContext:
     _prepared: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        device = self.cache.k.device
+        device, dtype = self.cache.k.device, self.cache.k.dtype
         bs = self.cache.block_size
         b, t = len(self.q_lens), sum(self.q_lens)
         max_blocks = max(len(tb) for tb in self.block_tables)
@@ -113,7 +113,8 @@ class PagedContext:
         k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
         p: dict = dict(kv_idx=kv_idx.flatten().to(device), shape=(b, max_k), is_causal=False)
         if max_q == 1:  # decode: the only query sees every key of its sequence, causal or not
-            p.update(path="decode", mask=None if bool(k_valid.all()) else k_valid[:, None, None, :].to(device))
+            p.update(path="decode", mask=None if bool(k_valid.all()) else _additive(k_valid[:, None, None, :], dtype,
+                                                                                     device))
         elif b == 1 and (not self.causal or max_k == max_q):
             # a lone sequence, bidirectional over everything or a fresh causal prefill: no mask at all
             p.update(path="single", mask=None, is_causal=self.causal)
@@ -126,7 +127,7 @@ class PagedContext:
                 mask = mask & (key_pos[None, None, :] <= q_pos[:, :, None])
             # padded query rows attend to key 0 so that SDPA never sees an all-masked row (their output is dropped)
             mask = mask | (~q_valid[:, :, None] & (key_pos == 0)[None, None, :])
-            p.update(path="single" if b == 1 else "padded", mask=mask[:, None].to(device),
+            p.update(path="single" if b == 1 else "padded", mask=_additive(mask[:, None], dtype, device),
                      q_rows=(q_start[:, None] + q_off[None, :]).clamp(max=t - 1).to(device),
                      q_flat=q_valid.flatten().nonzero().squeeze(1).to(device))
         self._prepared = p
@@ -153,6 +154,11 @@ class PagedContext:
         qb = q[p["q_rows"]].transpose(1, 2)  # [B, Hq, max_q, D]
         out = _sdpa(qb, keys, vals, p["mask"], False)  # [B, Hq, max_q, D]
         return out.transpose(1, 2).flatten(0, 1)[p["q_flat"]]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # bool mask -> 0 / -inf once per forward (SDPA would convert a bool mask in every layer)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
 
 
 def flash_available(device: torch.device, block_size: int) -> bool:
