@@ -305,9 +305,12 @@ class Serving:
             gen.close()
             raise
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            opts = req.stream_options
+            include_usage = bool(opts and opts.include_usage)
+            continuous = include_usage and bool(opts and opts.continuous_usage_stats)  # vLLM: usage in every chunk
             chat = obj == "chat.completion"
-            return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, num_prompt_tokens))
+            return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, continuous,
+                                            num_prompt_tokens))
         try:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
@@ -337,26 +340,31 @@ class Serving:
             raise _bad_request(exc) from None
 
     async def _stream(self, gen: Generation, first: tuple[int, RequestOutput], states: list[ChoiceState],
-                      head: dict[str, Any], mode: str, chat: bool, include_usage: bool,
+                      head: dict[str, Any], mode: str, chat: bool, include_usage: bool, continuous: bool,
                       num_prompt_tokens: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
+
+        def usage() -> dict[str, dict[str, int]]:
+            return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
+
         try:
             if chat:
                 for s in states:
-                    yield sse(dict(base, choices=[{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}], mode=mode))
+                    role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}
+                    yield sse(dict(base, choices=[role], **(usage() if continuous else {}), mode=mode))
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 state = states[item[0]]
                 if state.finish_reason is None:
                     text = state.consume(item[1], gen)
                     if text or state.finish_reason is not None:
-                        yield sse(dict(base, choices=[_chunk_choice(state, text, chat)], mode=mode))
+                        yield sse(dict(base, choices=[_chunk_choice(state, text, chat)],
+                                       **(usage() if continuous else {}), mode=mode))
                 item = None if _all_done(states) else await gen.next()
             if include_usage:
-                completion_tokens = sum(s.num_output_tokens for s in states)
-                yield sse(dict(base, choices=[], usage=_usage(num_prompt_tokens, completion_tokens), mode=mode))
+                yield sse(dict(base, choices=[], **usage(), mode=mode))
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (cancelled, or closed between chunks)
             self.metrics.client_disconnected.labels(self.model_name).inc()
             raise

@@ -180,6 +180,14 @@ def test_chat_sse_bytes_start_with_the_role_chunk(server: str) -> None:
     assert "usage" not in chunks[-1]
 
 
+def test_continuous_usage_stats_puts_usage_in_every_chunk(server: str) -> None:
+    body = {"prompt": "usage", "max_tokens": 5, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = sse_json(httpx.post(f"{server}/v1/completions", json=body, timeout=30).content)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 5 and all(c["usage"]["prompt_tokens"] == 5 for c in chunks)
+
+
 def test_stream_options_without_stream_is_400(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
