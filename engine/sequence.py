@@ -34,8 +34,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also rejects NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.temperature < 1e-5:
             # as vLLM: below this, logits / T overflow to inf and softmax turns NaN; it is greedy in effect
             object.__setattr__(self, "temperature", 0.0)
