@@ -1,4 +1,4 @@
-"""`trimode serve | generate | bench`: argparse front end.
+"""`trimode serve | generate | bench | loadtest`: argparse front end.
 
 `serve` loads a preset (`--config`), applies the named flags and any generic `--engine.KEY VALUE` /
 `--server.KEY VALUE` overrides (every field of EngineConfig / ServerConfig, listed in `--help` with its default
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threshold", type=float)
     _add_config_flags(gen, ("engine",))
 
-    sub.add_parser("bench", help="load-test a running server (the loadtest tool; see `trimode bench --help`)",
+    sub.add_parser("bench", help="offline tokens/s by mode and batch size vs transformers (`trimode bench --help`)",
+                   add_help=False)
+    sub.add_parser("loadtest", help="load-test a running server (python -m loadtest; see `trimode loadtest --help`)",
                    add_help=False)
     return parser
 
@@ -151,9 +153,13 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from loadtest.cli import main as bench_main
+        from engine.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "loadtest":
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
