@@ -111,7 +111,10 @@ class PagedContext:
         key_pos = torch.arange(max_k)
         kv_idx = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, max_k] (padding -> a slot of block 0, masked)
         k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
-        p: dict = dict(kv_idx=kv_idx.flatten().to(device), shape=(b, max_k), is_causal=False)
+        p: dict = dict(kv_idx=kv_idx.flatten().to(device), shape=(b, max_k), is_causal=False, kv_start=None)
+        first = self.block_tables[0]
+        if b == 1 and first == list(range(first[0], first[0] + len(first))):
+            p["kv_start"] = first[0] * bs  # a lone sequence on consecutive pages: read them as one slice, no gather
         if max_q == 1:  # decode: the only query sees every key of its sequence, causal or not
             p.update(path="decode", mask=None if bool(k_valid.all()) else _additive(k_valid[:, None, None, :], dtype,
                                                                                      device))
@@ -143,8 +146,13 @@ class PagedContext:
             return flash_attn_varlen_func(q, kc, vc, p["cu_q"], p["cu_k"], p["max_q"], p["max_k"],
                                           causal=self.causal, block_table=p["tables"])
         b, max_k = p["shape"]
-        keys = flat_k.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, max_k, D]
-        vals = flat_v.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)
+        if p["kv_start"] is None:
+            keys = flat_k.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, max_k, D]
+            vals = flat_v.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)
+        else:
+            start, end = p["kv_start"], p["kv_start"] + max_k
+            keys = flat_k[start:end].view(1, max_k, hkv, d).transpose(1, 2)  # [1, Hkv, max_k, D], a view
+            vals = flat_v[start:end].view(1, max_k, hkv, d).transpose(1, 2)
         keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         if p["path"] == "decode":  # row i of q is sequence i's only query
             return _sdpa(q[:, :, None], keys, vals, p["mask"], False)[:, :, 0]  # [B, Hq, 1, D] -> [T, Hq, D]
