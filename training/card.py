@@ -78,6 +78,12 @@ def render(base: dict, dist: dict, train_run: Path, distill_run: Path, notes: st
     dargs = json.loads(dpath.read_text()) if dpath.exists() else {}
     stats = json.loads(spath.read_text()) if spath.exists() else {}
     last = log[-1] if log else {}
+    minutes, prev = 0.0, 0.0  # elapsed_s restarts at 0 in runs resumed by older versions of train.py
+    for r in log:
+        if r["elapsed_s"] < prev:
+            minutes += prev / 60
+        prev = r["elapsed_s"]
+    minutes += prev / 60
     vals = [r for r in log if "val_ppl" in r]
     n_params = (cfg["vocab_size"] * cfg["hidden_size"] * 2 + cfg["num_hidden_layers"] * (
         cfg["hidden_size"] * cfg["head_dim"] * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
@@ -132,7 +138,7 @@ clean tokens causally. Corruption `p = (1 - 1e-3) t + 1e-3`, `t ~ U(0, 1)` per s
 the masked cross-entropy divided by `p`. AdamW (0.9, 0.95), lr {args['lr']} with warmup {args['warmup']} and a
 linear decay over the last {args.get('decay', '?')} steps, weight decay 0.1, batch {args['batch']} x
 {args['seq_len']} tokens, bf16 autocast, one CPU thread, seed {args['seed']}: {last.get('step', '?')} steps,
-{last.get('tokens', 0) / 1e6:.2f}M tokens, {last.get('elapsed_s', 0) / 60:.0f} minutes on a shared 2-core CPU.
+{last.get('tokens', 0) / 1e6:.2f}M tokens, {minutes:.0f} minutes on a shared 2-core CPU.
 
 | step | tokens | train AR loss | train diffusion loss | val AR ppl | val diffusion loss |
 |---|---|---|---|---|---|

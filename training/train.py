@@ -194,7 +194,7 @@ def main() -> None:
     vb = val_batches(val, args.seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "ckpt.pt"
-    step, rng_gen = 0, torch.Generator().manual_seed(args.seed)
+    step, rng_gen, elapsed0 = 0, torch.Generator().manual_seed(args.seed), 0.0
     pyrng = random.Random(args.seed)
     if ckpt_path.exists() and not args.bench:
         ck = torch.load(ckpt_path, weights_only=False)
@@ -203,6 +203,7 @@ def main() -> None:
         step = ck["step"]
         rng_gen.set_state(ck["gen"])
         pyrng.setstate(ck["pyrng"])
+        elapsed0 = ck.get("elapsed", 0.0)
         print(f"resumed at step {step}")
     elif args.export_to is not None:
         raise SystemExit(f"no checkpoint at {ckpt_path}")
@@ -218,7 +219,8 @@ def main() -> None:
     def save() -> None:
         tmp = args.out / "ckpt.tmp"
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "gen": rng_gen.get_state(), "pyrng": pyrng.getstate()}, tmp)
+                    "gen": rng_gen.get_state(), "pyrng": pyrng.getstate(),
+                    "elapsed": time.time() - t0}, tmp)
         tmp.replace(ckpt_path)
 
     log = open(args.out / "log.jsonl", "a")
@@ -226,7 +228,7 @@ def main() -> None:
     n = args.seq_len
     model.train()
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=5)
-    t0, tok_window, t_window = time.time(), 0, time.time()
+    t0, tok_window, t_window = time.time() - elapsed0, 0, time.time()  # elapsed_s counts across resumes
     while step < total:
         starts = [pyrng.randrange(0, len(train) - n) for _ in range(args.batch)]
         x = torch.from_numpy(np.stack([train[s:s + n] for s in starts]).astype(np.int64))
