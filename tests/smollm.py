@@ -20,7 +20,7 @@ def smollm2_or_skip() -> Path:
     """The converted checkpoint directory (converting on first use), or skip the calling test."""
     if not smollm2_available():
         pytest.skip(SKIP_REASON)
-    for module in ("gguf", "accelerate"):
-        if not is_converted(SMOLLM2_CACHE):
+    if not is_converted(SMOLLM2_CACHE):
+        for module in ("gguf", "accelerate"):
             pytest.importorskip(module, reason=f"{module} is needed to convert the SmolLM2 GGUF")
     return smollm2_dir()
