@@ -29,6 +29,7 @@ class EngineConfig:
     default_threshold: float = 0.9  # diffusion confidence threshold when a request gives none
     draft_lora: bool = True  # self_spec drafts use linear_spec_lora/ when the checkpoint ships it
     diffusion_lora: bool = False  # diffusion denoise forwards also use the draft LoRA
+    num_threads: int | None = None  # CPU: torch intra-op threads; None = torch's default (all cores)
     use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
 
     def __post_init__(self) -> None:
@@ -45,6 +46,7 @@ class EngineConfig:
             "allowed_block_lengths": len(self.allowed_block_lengths) > 0
             and all(b >= 2 for b in self.allowed_block_lengths),
             "default_threshold": 0 < self.default_threshold <= 1,
+            "num_threads": self.num_threads is None or self.num_threads >= 1,
         }
         for name, ok in checks.items():
             if not ok:

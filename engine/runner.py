@@ -52,6 +52,8 @@ def _transpose_linear_storage(model: torch.nn.Module) -> None:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.device = pick_device(config.device)
+        if self.device.type == "cpu" and config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)  # process-wide: the engine owns the process's compute
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model, self.info = load_model(model_path, self.dtype, self.device)
         if self.device.type == "cpu":
