@@ -199,8 +199,9 @@ python -m training.train --tokenizer training/runs/tokenizer --out training/runs
 python -m training.distill generate --model training/runs/base/final --out training/runs/distill/gen.jsonl \\
     --n {dargs.get('n', '?')} --max-tokens {dargs.get('max_tokens', '?')} --seed {dargs.get('gen_seed', 0)}
 python -m training.distill train --model training/runs/base/final --data training/runs/distill/gen.jsonl \\
-    --out training/runs/distill --steps {dargs.get('steps', '?')} --rank {dargs.get('rank', '?')} \\
-    --alpha {dargs.get('alpha', '?')} --seed {dargs.get('seed', 0)}
+    --out training/runs/distill --steps {dargs.get('steps', '?')} --batch {dargs.get('batch', '?')} \\
+    --rank {dargs.get('rank', '?')} --alpha {dargs.get('alpha', '?')} --full-share {dargs.get('full_share', '?')} \\
+    --lr {dargs.get('lr', '?')} --seed {dargs.get('seed', 0)}
 python -m training.evaluate --model training/runs/base/final --out training/runs/eval_base.json
 python -m training.evaluate --model training/runs/distill/final --out training/runs/eval_distilled.json
 ```

@@ -134,7 +134,8 @@ def evaluate(model_dir: Path, n_prompts: int, max_tokens: int, n_speed: int, thr
     model, info = load_model(model_dir, dtype=torch.float32, load_lora=False)
     val = encode_split(model_dir, "val")
     prompts = load_prompts()[:n_prompts]
-    res: dict = {"model": str(model_dir), "has_draft_lora": info.has_draft_lora, "n_prompts": len(prompts),
+    has_lora = (model_dir / "linear_spec_lora").is_dir()
+    res: dict = {"model": str(model_dir), "has_draft_lora": has_lora, "n_prompts": len(prompts),
                  "max_tokens": max_tokens, "val_ppl": round(val_ppl(model, val), 3)}
     block = info.config.block_size
     g = lambda **kw: SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw)
@@ -147,7 +148,7 @@ def evaluate(model_dir: Path, n_prompts: int, max_tokens: int, n_speed: int, thr
         **{f"diffusion_steps{s}": g(mode="diffusion", steps=s, threshold=1.0) for s in (1, 2, 4, 8)},
     }
     variants = [("", {})]
-    if info.has_draft_lora:
+    if has_lora:
         variants.append(("lora:", {"diffusion_lora": True}))
     samples: dict = {}
     for prefix, kw in variants:
