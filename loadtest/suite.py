@@ -296,6 +296,8 @@ def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "
         "--engine.dtype",
         "float32",
     ]
+    if threads:
+        cmd += ["--engine.num_threads", str(threads)]
     return ServerProcess(name, cmd, port, log_dir / f"{name}.log", thread_env(threads))
 
 
@@ -493,7 +495,8 @@ def part_overhead(
     ids = [tok.encode(r["prompt"]) for r in rows[:n]]
     if s.threads:
         torch.set_num_threads(s.threads)
-    llm = LLM(model, device="cpu", dtype="float32", max_num_seqs=c)
+    extra = {"num_threads": s.threads} if s.threads else {}
+    llm = LLM(model, device="cpu", dtype="float32", max_num_seqs=c, **extra)
     try:
         offline_run(llm, ids[: min(2, n)], 4, mode)  # warm-up
         bench(url, dataset, min(2, n), 2, 4, mode=mode, knobs=s.knobs)
