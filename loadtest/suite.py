@@ -568,6 +568,18 @@ def crossover(table: dict[str, list[dict[str, Any]]]) -> int | None:
     return None
 
 
+def crossover_note(cross: int | None, concurrencies: list[int]) -> str:
+    """The crossover in words (the crossover concurrency itself is ``cross``)."""
+    if cross is None:
+        return f"no crossover: ar stays below self_spec up to concurrency {max(concurrencies)}"
+    if cross == min(concurrencies):
+        return (
+            f"crossover concurrency {cross}: ar's output tok/s is already >= self_spec's at the lowest level "
+            f"measured ({cross}), so self_spec wins nowhere in {min(concurrencies)}-{max(concurrencies)}"
+        )
+    return f"crossover concurrency {cross}: the first level where ar's output tok/s >= self_spec's"
+
+
 def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, Any]:
     table: dict[str, list[dict[str, Any]]] = {}
     raw: dict[str, dict[str, Any]] = {}
@@ -593,11 +605,7 @@ def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, An
         "knobs": s.knobs,
         "table": table,
         "crossover_concurrency": cross,
-        "crossover_note": (
-            f"ar's output tok/s first reaches self_spec's at concurrency {cross}"
-            if cross
-            else f"ar stays below self_spec up to concurrency {max(s.concurrencies)}"
-        ),
+        "crossover_note": crossover_note(cross, s.concurrencies),
         "plot": "modes.png",
         "raw": raw,
     }
@@ -642,12 +650,7 @@ def plot_modes(modes: dict[str, Any], path: Path, title: str) -> None:
     axes[0].set_title("output tok/s (labels: tokens per forward)", fontsize=9)
     axes[0].legend()
     cross = modes.get("crossover_concurrency")
-    fig.suptitle(
-        f"{title} — ar overtakes self_spec at concurrency {cross}"
-        if cross
-        else f"{title} — no crossover up to concurrency {max(modes['concurrencies'])}",
-        fontsize=10,
-    )
+    fig.suptitle(f"{title}: {crossover_note(cross, modes['concurrencies'])}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -901,7 +904,7 @@ def summary_markdown(res: dict[str, Any]) -> str:
                     f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} | "
                     f"{fmt(r.get('acceptance_length'), 2) if mode == 'self_spec' else ''} |"
                 )
-        lines += ["", f"**Crossover: {md['crossover_note']}.**", "", "![modes](modes.png)"]
+        lines += ["", f"**{md['crossover_note'][0].upper()}{md['crossover_note'][1:]}.**", "", "![modes](modes.png)"]
     tf = res.get("transformers")
     if tf:
         lines += [

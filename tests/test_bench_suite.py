@@ -130,7 +130,7 @@ def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Pa
         "load": {"modes": {"mean": 1.0, "max": 2.0}},
     }
     md = suite.summary_markdown(res)
-    assert "| self_spec | 2 | 2/2 |" in md and "Crossover" in md
+    assert "| self_spec | 2 | 2/2 |" in md and "rossover" in md
 
 
 def test_crossover_rule() -> None:
@@ -143,3 +143,5 @@ def test_crossover_rule() -> None:
     assert suite.crossover(table([1, 2, 5], [3, 3, 4])) == 4
     assert suite.crossover(table([1, 3, 5], [3, 3, 4])) == 2  # equal counts as overtaken
     assert suite.crossover(table([1, 2, 3], [3, 4, 5])) is None
+    assert "wins nowhere" in suite.crossover_note(1, [1, 2, 4])
+    assert suite.crossover_note(None, [1, 2, 4]).startswith("no crossover")
