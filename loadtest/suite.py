@@ -836,6 +836,13 @@ def compare(result: dict[str, Any]) -> None:
         for c in levels
         if base[str(c)].get("mean_ttft_ms")
     }
+    # same work on both sides: equal prompt and output token totals at every level (usage from each server)
+    result["same_token_counts"] = {
+        str(c): tri[str(c)].get("total_output_tokens") == base[str(c)].get("total_output_tokens")
+        and tri[str(c)].get("total_input_tokens", base[str(c)].get("total_input_tokens"))
+        == base[str(c)].get("total_input_tokens", tri[str(c)].get("total_input_tokens"))
+        for c in levels
+    }
     hi, lo = (max(levels), min(levels)) if levels else (None, None)
     result["targets"] = {
         "throughput_level": hi,
@@ -952,6 +959,12 @@ def summary_markdown(res: dict[str, Any]) -> str:
                 f"{fmt(tf.get('speedup', {}).get(str(c)), 2)}x | {fmt(t.get('mean_ttft_ms'), 0)} | "
                 f"{fmt(b.get('mean_ttft_ms'), 0)} |"
             )
+        same = tf.get("same_token_counts") or {}
+        if same:
+            lines += [
+                "",
+                f"Same prompt and output token totals on both sides at every level: **{fmt(all(same.values()))}**.",
+            ]
         tg = tf.get("targets", {})
         lines += [
             "",
