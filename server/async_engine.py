@@ -104,6 +104,7 @@ class Generation:
         self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self.start = time.monotonic()
         self.released = False
+        self._stash: tuple[int, BaseException] | None = None  # an error met by ready(), raised by next()
 
     @property
     def done(self) -> bool:
@@ -111,6 +112,10 @@ class Generation:
 
     async def next(self) -> tuple[int, RequestOutput]:
         """The next output of any choice; raises EngineDeadError, or the error an Add met in the engine."""
+        if self._stash is not None:
+            exc, self._stash = self._stash[1], None
+            self.abort_unfinished(push=False)
+            raise exc
         while True:
             timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
@@ -123,6 +128,18 @@ class Generation:
                 self.abort_unfinished(push=False)
                 raise item
             return index, item
+
+    def ready(self) -> list[tuple[int, RequestOutput]]:
+        """Outputs already queued, without waiting: a stream that fell behind the engine sends them as one chunk
+        per choice instead of one per step. Stops at an error, which the next `next()` raises."""
+        out: list[tuple[int, RequestOutput]] = []
+        while self._stash is None and not self.queue.empty():
+            index, item = self.queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._stash = (index, item)
+            else:
+                out.append((index, item))
+        return out
 
     def finish(self, index: int, reason: str = "stop") -> None:
         """End one choice from the server side (a stop string matched): abort it in the engine."""

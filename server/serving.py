@@ -356,9 +356,14 @@ class Serving:
                     yield sse(dict(base, choices=[role], **(usage() if continuous else {}), mode=mode))
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
-                state = states[item[0]]
-                if state.finish_reason is None:
-                    text = state.consume(item[1], gen)
+                # whatever piled up while this stream was being written goes out as one chunk per choice
+                texts: dict[int, str] = {}
+                for index, out in [item, *gen.ready()]:
+                    state = states[index]
+                    if state.finish_reason is None:
+                        texts[index] = texts.get(index, "") + state.consume(out, gen)
+                for index, text in texts.items():
+                    state = states[index]
                     if text or state.finish_reason is not None:
                         yield sse(dict(base, choices=[_chunk_choice(state, text, chat)],
                                        **(usage() if continuous else {}), mode=mode))
