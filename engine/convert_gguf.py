@@ -66,6 +66,7 @@ def _save(model, out: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # servers such as `transformers serve` need it
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
 
