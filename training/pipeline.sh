@@ -16,10 +16,10 @@ if run base; then
 fi
 if run distill; then
   python -m training.evaluate --model $R/base/final --out $R/eval_base.json > $R/eval_base.log 2>&1 &
-  python -m training.distill generate --model $R/base/final --out $R/distill/gen.jsonl --n 1536 --max-tokens 128 \
+  python -m training.distill generate --model $R/base/final --out $R/distill/gen.jsonl --n 3072 --max-tokens 128 \
     --seed 0
   python -m training.distill train --model $R/base/final --data $R/distill/gen.jsonl --out $R/distill \
-    --steps "${DISTILL_STEPS:-250}" --seed 0
+    --steps "${DISTILL_STEPS:-800}" --full-share 0.85 --seed 0
   wait
 fi
 if run eval; then
