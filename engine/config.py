@@ -28,7 +28,7 @@ class EngineConfig:
     allowed_block_lengths: tuple[int, ...] = (4, 8, 16, 32, 64)  # block_length values a request may ask for
     default_threshold: float = 0.9  # diffusion confidence threshold when a request gives none
     draft_lora: bool = True  # self_spec drafts use linear_spec_lora/ when the checkpoint ships it
-    diffusion_lora: bool = False  # diffusion denoise forwards also use the draft LoRA
+    diffusion_lora: bool | None = None  # denoise forwards also use the draft LoRA; None = the checkpoint's hint
     num_threads: int | None = None  # CPU: torch intra-op threads; None = torch's default (all cores)
     use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
 

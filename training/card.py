@@ -119,7 +119,8 @@ dim {cfg['head_dim']}, MLP {cfg['intermediate_size']}, vocabulary {cfg['vocab_si
 Weights in bf16. `mask_token_id` {cfg['mask_token_id']} (`<|mask|>`), BOS 1 (`<s>`), EOS ids
 {cfg['eos_token_id']} (`<|im_end|>`, `</s>`). `linear_spec_lora/` holds the draft-only o_proj LoRA
 (r={dargs.get('rank', '?')}, alpha={dargs.get('alpha', '?')}), used by self_spec drafts (and by diffusion denoise
-when the engine runs with `diffusion_lora = true`); AR forwards never use it.
+by default too: `config.json` sets `trimode_diffusion_lora`, and `[engine] diffusion_lora = false`
+turns that off); AR and verify forwards never use it.
 
 Block size {cfg['block_size']} rather than NLD's 32: a model this small cannot commit many tokens per denoise step,
 so a shorter block wastes fewer forwards on drafts that are rejected, and each training block gets more clean context.

@@ -152,6 +152,10 @@ def train(model_dir: Path, data: Path, out: Path, r: int, alpha: float, steps: i
     final.mkdir(parents=True, exist_ok=True)
     for f in HF_FILES:
         shutil.copy(model_dir / f, final / f)
+    # the LoRA is trained on denoising too, so the engine uses it there unless told otherwise
+    cfg = json.loads((final / "config.json").read_text())
+    cfg["trimode_diffusion_lora"] = True
+    (final / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_draft_lora(model, final, r, alpha)
     print(f"wrote {final}")
 
