@@ -199,3 +199,10 @@ def test_abort_frees_blocks_at_once(tiny_llm):
     for i in range(len(MODES)):
         eng.abort_request(f"a{i}")
     assert eng.num_free_blocks == eng.num_total_blocks and not eng.has_unfinished()
+
+
+def test_offline_api_is_importable_from_the_package(tiny_ckpt):
+    from engine import LLM, SamplingParams
+
+    out = LLM(model=str(tiny_ckpt), num_kv_tokens=1024).generate([[5, 6]], SamplingParams(max_tokens=3))[0]
+    assert len(out.token_ids) == 3 and out.num_forwards >= 3
