@@ -67,9 +67,10 @@ class Engine:
         limit = config.max_model_len or info.config.max_position_embeddings
         self.max_model_len = min(limit, pool_tokens)
         self.default_block_length = config.default_block_length or info.config.block_size
+        # denoising uses the draft LoRA when the config says so, else when the checkpoint says it was trained for it
+        denoise_lora = info.config.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora
         self.env = DecodeEnv(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
-                             diffusion_lora=info.has_draft_lora and (
-                                 info.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora))
+                             diffusion_lora=info.has_draft_lora and denoise_lora)
         self.scheduler = Scheduler(self.runner.blocks, self.env, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.last_stats = StepStats()

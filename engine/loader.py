@@ -28,7 +28,6 @@ class CheckpointInfo:
     config: ModelConfig
     stop_token_ids: tuple[int, ...]  # from generation_config.json / config.json / the tokenizer
     has_draft_lora: bool
-    diffusion_lora_hint: bool = False  # config.json `trimode_diffusion_lora`: the LoRA was trained for denoising too
 
 
 def _require(path: Path) -> Path:
@@ -101,8 +100,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     # the rope buffer stays fp32 whatever the weights' dtype
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)[0].to(device)
     model.requires_grad_(False)
-    hint = bool(json.loads((path / "config.json").read_text()).get("trimode_diffusion_lora", False))
-    return model, CheckpointInfo(path, cfg, stop_ids_for(path, cfg), has_lora, hint)
+    return model, CheckpointInfo(path, cfg, stop_ids_for(path, cfg), has_lora)
 
 
 def load_draft_lora(model: TriModeModel, lora_dir: Path) -> None:

@@ -48,6 +48,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     mask_token_id: int | None = None  # tri-mode checkpoints only
     block_size: int = 32  # the diffusion block length the checkpoint was trained with
+    diffusion_lora_hint: bool = False  # `trimode_diffusion_lora`: the draft LoRA was trained for denoising too
 
     @property
     def is_trimode(self) -> bool:
@@ -99,6 +100,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             mask_token_id=None if mask_id is None else int(mask_id),
             block_size=int(raw.get("block_size", 32)),
+            diffusion_lora_hint=bool(raw.get("trimode_diffusion_lora", False)),
         )
 
     @classmethod

@@ -14,7 +14,7 @@ from engine.attention import DenseContext, KVCache, PagedContext, flash_availabl
 from engine.config import EngineConfig
 from engine.decoding import ForwardKind
 from engine.kv_cache import BlockManager
-from engine.loader import CheckpointInfo, load_model
+from engine.loader import load_model
 from engine.scheduler import Batch
 
 log = logging.getLogger("trimode.engine")
@@ -67,10 +67,6 @@ class ModelRunner:
         self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s)", num_blocks, self.block_size,
                  num_blocks * self.block_size, self.device, self.dtype, "flash-attn" if self.use_flash else "sdpa")
-
-    @property
-    def checkpoint(self) -> CheckpointInfo:
-        return self.info
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
         if self.device.type != "cuda":

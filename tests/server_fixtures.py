@@ -43,6 +43,14 @@ def write_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     return path
 
 
+def write_served_checkpoint(path: Path) -> Path:
+    """A tiny random tri-mode checkpoint (with a draft LoRA) plus the char tokenizer: what a live server needs."""
+    from tests.checkpoints import write_nld_checkpoint
+
+    write_nld_checkpoint(path, lora_rank=4)
+    return write_char_tokenizer(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

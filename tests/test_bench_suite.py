@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import BenchmarkConfig, run_benchmark, suite
-from tests.checkpoints import write_nld_checkpoint
-from tests.server_fixtures import live_server, write_char_tokenizer
+from tests.server_fixtures import live_server, write_served_checkpoint
 
 MODES = ("ar", "diffusion", "self_spec")
 TOP_KEYS = [
@@ -39,10 +38,7 @@ SPEC_KEYS = ["num_drafts", "num_draft_tokens", "num_accepted_tokens", "acceptanc
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bench-ckpt")
-    write_nld_checkpoint(path, lora_rank=4)
-    write_char_tokenizer(path)
-    return path
+    return write_served_checkpoint(tmp_path_factory.mktemp("bench-ckpt"))
 
 
 @pytest.fixture(scope="module")

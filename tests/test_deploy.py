@@ -538,14 +538,11 @@ def test_dashboard_promql_parses():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from tests.checkpoints import write_nld_checkpoint
-    from tests.server_fixtures import write_char_tokenizer
+    from tests.server_fixtures import write_served_checkpoint
 
     path = tmp_path_factory.mktemp("deploy") / "trimode-deploy-tiny"
     path.mkdir()
-    write_nld_checkpoint(path, lora_rank=4)
-    write_char_tokenizer(path)
-    return path
+    return write_served_checkpoint(path)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ Prefill is common to all modes and lives in the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -48,7 +48,6 @@ class DecodeEnv:
     mask_id: int | None
     spec_lora: bool = False
     diffusion_lora: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Decoder(Protocol):

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import write_nld_checkpoint
-from tests.server_fixtures import live_server, write_char_tokenizer
+from tests.server_fixtures import live_server, write_served_checkpoint
 
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trimode-test")
-    write_nld_checkpoint(path, lora_rank=4)
-    write_char_tokenizer(path)
-    return path
+    return write_served_checkpoint(tmp_path_factory.mktemp("trimode-test"))
 
 
 def make_engine(ckpt: Path, **over):
