@@ -8,7 +8,6 @@ rejected K/V, free the blocks of finished sequences.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome
+from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
 from engine.sampling import sample
 from engine.scheduler import Batch, Scheduler
@@ -67,6 +67,10 @@ class Engine:
         limit = config.max_model_len or info.config.max_position_embeddings
         self.max_model_len = min(limit, pool_tokens)
         self.default_block_length = config.default_block_length or info.config.block_size
+        self.policy = RequestPolicy(
+            self.model_name, self.is_trimode, info.config.vocab_size, self.max_model_len, config.default_mode,
+            self.default_block_length, tuple(sorted({*config.allowed_block_lengths, info.config.block_size})),
+            config.default_threshold)
         # denoising uses the draft LoRA when the config says so, else when the checkpoint says it was trained for it
         denoise_lora = info.config.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora
         self.env = DecodeEnv(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
@@ -79,42 +83,15 @@ class Engine:
     # ---- request intake -------------------------------------------------------------------------------------
     @property
     def allowed_block_lengths(self) -> tuple[int, ...]:
-        return tuple(sorted({*self.config.allowed_block_lengths, self.model_config.block_size}))
+        return self.policy.allowed_block_lengths
 
     def resolve_params(self, params: SamplingParams) -> SamplingParams:
         """Fill the mode knobs' defaults and check them against this engine; ValueError names the field."""
-        mode = params.mode or (self.config.default_mode if self.is_trimode else "ar")
-        if mode != "ar" and not self.is_trimode:
-            raise ValueError(f"mode '{mode}' needs a tri-mode checkpoint; {self.model_name} serves only 'ar'")
-        block = params.block_length or self.default_block_length
-        if block not in self.allowed_block_lengths:
-            raise ValueError(f"block_length must be one of {list(self.allowed_block_lengths)}, got {block}")
-        steps = params.steps or block
-        if steps > block:
-            raise ValueError(f"steps must be <= block_length ({block}), got {steps}")
-        threshold = params.threshold
-        if mode == "diffusion" and threshold is None:
-            threshold = self.config.default_threshold
-        return dataclasses.replace(params, mode=mode, block_length=block, steps=steps, threshold=threshold)
+        return self.policy.resolve_params(params)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Reject what can never run: empty or out-of-vocabulary prompts, and context overflow."""
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})")
-        n, m = len(prompt_token_ids), params.max_tokens
-        assert params.block_length is not None
-        # diffusion denoises whole blocks, so it needs room for the last block in full
-        need = -(-m // params.block_length) * params.block_length if params.mode == "diffusion" else m
-        if n + need > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{m} output tokens and your prompt contains {n} input tokens, for a total of {n + need} tokens"
-                f"{' (whole diffusion blocks)' if need != m else ''}. Please reduce the length of the input "
-                f"prompt or the number of requested output tokens. (parameter=input_tokens, value={n})")
+        self.policy.check_request(prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:

@@ -1,26 +1,25 @@
-"""AsyncEngine: the synchronous Engine in one long-lived thread, and the asyncio side that talks to it.
+"""AsyncEngine: the asyncio side of the engine. Admission, per-request queues, metrics, deadlines, death.
 
-Inbox: a `queue.SimpleQueue` of Add | Abort | Probe | Stop, drained before every step; the thread blocks on it only
-when the engine is idle. Outbox: once per step the thread hands that step's outputs to the event loop with a
-single `call_soon_threadsafe`; `_dispatch` fans them out to per-request asyncio queues, so a slow client never
-blocks the engine. Admission (sequences and tokens in flight) is decided synchronously on the event loop before
-any response starts, so the slot is reserved atomically. An exception in the thread kills the engine: every
-open request gets `EngineDeadError` and `dead` stays set, unless the exception names the failed requests in a
-`request_ids` attribute: then only those fail and the engine goes on. Only this module touches the Engine.
+The engine itself runs behind a `server.engine_core.Core`: in a thread of this process (`ThreadCore`, given an
+`Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go out through `Core.send`; each
+engine step comes back as one event, posted onto the event loop with a single `call_soon_threadsafe`; `_dispatch`
+fans the outputs out to per-request asyncio queues, so a slow client never blocks the engine. Admission (sequences
+and tokens in flight) is decided synchronously on the event loop before any response starts, so the slot is
+reserved atomically. A "dead" event (the loop or the process ended) fails every open request with
+`EngineDeadError` and `dead` stays set; a "fail_requests" event fails only the requests of one failed forward.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import itertools
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sequence import RequestOutput, SamplingParams, StepStats
+from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("trimode.server")
@@ -43,32 +42,6 @@ class Overloaded(Exception):
 
 
 @dataclass(slots=True)
-class Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-
-
-@dataclass(slots=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class Probe:
-    future: asyncio.Future
-
-
-@dataclass(slots=True)
-class Stop:
-    pass
-
-
-Command = Add | Abort | Probe | Stop
-
-
-@dataclass(slots=True)
 class SeqTrack:
     """Async-side bookkeeping of one engine sequence (one choice)."""
 
@@ -82,13 +55,6 @@ class SeqTrack:
     num_output_tokens: int = 0
     num_forwards: int = 0
     num_decode_forwards: int = 0
-
-
-@dataclass(slots=True)
-class Snapshot:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
 
 
 class Generation:
@@ -166,7 +132,9 @@ class Generation:
 
 @dataclass
 class AsyncEngine:
-    """Owns the Engine and its thread; all other server code goes through this object."""
+    """Owns the engine's Core; all other server code goes through this object.
+
+    `engine` is a `Core` (an `EngineProcess`) or an `Engine`, which then runs in a `ThreadCore`."""
 
     engine: Any
     served_model_name: str | None = None
@@ -177,10 +145,11 @@ class AsyncEngine:
     snapshot: Snapshot = field(default_factory=Snapshot)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.served_model_name or self.engine.model_name)
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.core: Core = self.engine if isinstance(self.engine, Core) else ThreadCore(self.engine)
+        self.metrics = ServerMetrics(self.served_model_name or self.core.model_name)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._probes: dict[int, asyncio.Future] = {}
+        self._probe_ids = itertools.count()
         self._tracks: dict[str, tuple[Generation, int]] = {}
         self._generations: set[Generation] = set()
         self._queued_seqs = 0
@@ -189,21 +158,21 @@ class AsyncEngine:
     # ---- read-only facts (safe from the event loop: no engine state is mutated) ----------------------------
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.core.tokenizer
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        return self.core.model_name
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.core.max_model_len
 
     def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.engine.resolve_params(params)
+        return self.core.resolve_params(params)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_token_ids, params)
+        self.core.check_request(prompt_token_ids, params)
 
     @property
     def num_inflight(self) -> int:
@@ -211,15 +180,12 @@ class AsyncEngine:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the outputs."""
+        """Start the engine loop; call from the event loop that will consume the outputs."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="trimode-engine", daemon=True)
-        self._thread.start()
+        self.core.start(self._on_event)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._inbox.put(Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.core.stop(timeout)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def generate(self, request_id: str, prompts: list[tuple[list[int], SamplingParams]],
@@ -251,13 +217,17 @@ class AsyncEngine:
         return gen
 
     async def probe(self, timeout: float) -> None:
-        """A real one-token forward on the engine thread (readiness); raises on failure or timeout."""
+        """A real one-token forward on the engine (readiness); raises on failure or timeout."""
         if self.dead is not None:
             raise EngineDeadError("the engine is dead")
         assert self._loop is not None
-        fut = self._loop.create_future()
-        self._send(Probe(fut))
-        await asyncio.wait_for(fut, timeout)
+        probe_id = next(self._probe_ids)
+        fut = self._probes[probe_id] = self._loop.create_future()
+        self._send(Probe(probe_id))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._probes.pop(probe_id, None)
 
     def abort_all(self) -> None:
         """End every in-flight request with finish_reason "abort" (drain deadline)."""
@@ -277,8 +247,8 @@ class AsyncEngine:
                 await asyncio.sleep(0.05)
 
     # ---- event-loop side ------------------------------------------------------------------------------------
-    def _send(self, cmd: Command) -> None:
-        self._inbox.put(cmd)
+    def _send(self, cmd: Add | Abort | Probe) -> None:
+        self.core.send(cmd)
 
     def _finish_track(self, gen: Generation, track: SeqTrack, reason: str) -> None:
         now = time.monotonic()
@@ -333,95 +303,43 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 self._finish_track(gen, track, out.finish_reason)
 
-    def _fail_request(self, request_id: str, exc: BaseException) -> None:
+    def _fail_request(self, request_id: str, message: str) -> None:
+        """An Add the engine refused (its ValueError's text): the request gets a 400."""
         entry = self._tracks.get(request_id)
         if entry is not None:
-            entry[0].queue.put_nowait((entry[1], exc))
+            entry[0].queue.put_nowait((entry[1], ValueError(message)))
 
-    def _fail_requests(self, request_ids: list[str], exc: BaseException, snapshot: Snapshot) -> None:
+    def _fail_requests(self, request_ids: list[str], message: str, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         for request_id in request_ids:
-            self._fail_request(request_id, RequestFailedError(f"the forward pass failed: {exc}"))
+            entry = self._tracks.get(request_id)
+            if entry is not None:
+                entry[0].queue.put_nowait((entry[1], RequestFailedError(f"the forward pass failed: {message}")))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        self.dead = exc
-        err = EngineDeadError(f"the engine died: {type(exc).__name__}")
+    def _probe_done(self, probe_id: int, error: str | None) -> None:
+        fut = self._probes.get(probe_id)
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(RuntimeError(error))
+
+    def _fail_all(self, reason: str) -> None:
+        err = EngineDeadError(f"the engine died: {reason}")
+        self.dead = err
         for gen in list(self._generations):
             gen.queue.put_nowait((-1, err))
+        for fut in self._probes.values():
+            if not fut.done():
+                fut.set_exception(err)
 
-    def _post(self, fn: Any, *args: Any) -> None:
+    _EVENTS = {"outputs": "_dispatch", "fail_request": "_fail_request", "fail_requests": "_fail_requests",
+               "probe": "_probe_done", "dead": "_fail_all"}
+
+    def _on_event(self, name: str, *args: Any) -> None:
+        """Called by the core's thread for every event: hop onto the event loop."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(getattr(self, self._EVENTS[name]), *args)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
-
-    # ---- engine thread --------------------------------------------------------------------------------------
-    def _apply(self, cmd: Command) -> bool:
-        """Apply one inbox command on the engine thread; False means stop."""
-        eng = self.engine
-        if isinstance(cmd, Add):
-            try:
-                eng.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
-            except ValueError as exc:
-                self._post(self._fail_request, cmd.request_id, exc)
-        elif isinstance(cmd, Abort):
-            eng.abort_request(cmd.request_id)
-        elif isinstance(cmd, Probe):
-            try:
-                eng.probe()
-                self._post(_resolve, cmd.future, None)
-            except Exception as exc:  # a broken forward fails readiness, not the engine
-                self._post(_resolve, cmd.future, exc)
-        elif isinstance(cmd, Stop):
-            return False
-        return True
-
-    def _snap(self) -> Snapshot:
-        eng = self.engine
-        return Snapshot(eng.num_running, eng.num_waiting, float(eng.kv_cache_usage))
-
-    def _run(self) -> None:
-        eng = self.engine
-        try:
-            while True:
-                if not eng.has_unfinished():
-                    self._post(self._dispatch, [], None, 0.0, self._snap())
-                    if not self._apply(self._inbox.get()):
-                        return
-                while True:
-                    try:
-                        cmd = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not self._apply(cmd):
-                        return
-                if eng.has_unfinished():
-                    t0 = time.monotonic()
-                    try:
-                        outputs = eng.step()
-                    except Exception as exc:
-                        # engine.engine.BatchError, matched by attribute: importing it would import torch
-                        failed = getattr(exc, "request_ids", None)
-                        if failed is None:
-                            raise
-                        # NOTE: a batch-scoped failure: only those requests fail (their blocks are freed)
-                        log.error("forward failed for %d request(s): %s", len(failed), exc)
-                        for request_id in failed:
-                            eng.abort_request(request_id)
-                        self._post(self._fail_requests, list(failed), exc, self._snap())
-                        continue
-                    stats = copy.deepcopy(eng.last_stats)
-                    self._post(self._dispatch, outputs, stats, time.monotonic() - t0, self._snap())
-        except Exception as exc:
-            log.exception("engine thread died")
-            self._post(self._fail_all, exc)
-
-
-def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
