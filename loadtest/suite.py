@@ -170,14 +170,35 @@ class LoadSampler:
 # ---------------------------------------------------------------------------------------------------- servers
 
 
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, is index 0)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_cpu_seconds(pid: int | None = None) -> float | None:
-    """User + system CPU seconds of ``pid`` (all its threads) from /proc; this process when None."""
+    """User + system CPU seconds of ``pid`` and its live descendants (the engine process of ``trimode serve``,
+    all threads) from /proc; this process alone when None."""
     if pid is None:
         t = os.times()
         return t.user + t.system
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        tree, frontier = {pid}, [pid]
+        while frontier:
+            kids = [p for p, ppid in parents.items() if ppid in frontier and p not in tree]
+            tree.update(kids)
+            frontier = kids
+        total = 0.0
+        for p in tree:
+            fields = _stat(p)
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
     except (OSError, IndexError, ValueError):
         return None
 

@@ -325,6 +325,8 @@ class AsyncEngine:
                 fut.set_exception(RuntimeError(error))
 
     def _fail_all(self, reason: str) -> None:
+        if self.dead is not None:
+            return  # the loop reported its death, then the process exit is reported too
         err = EngineDeadError(f"the engine died: {reason}")
         self.dead = err
         for gen in list(self._generations):

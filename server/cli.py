@@ -105,10 +105,20 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
+def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> Any:
+    """The engine as the server will run it: its own process (default) or an in-process Engine (a thread)."""
+    if server_cfg.engine_process:
+        from server.engine_process import EngineProcess
+
+        return EngineProcess(engine_cfg, server_cfg.log_level)
+    from engine.engine import Engine
+
+    return Engine(engine_cfg)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from engine.engine import Engine
     from server.app import create_app
     from server.drain import DrainingServer
 
@@ -119,8 +129,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(server_cfg.log_level)
     try:
-        engine = Engine(engine_cfg)
-    except (FileNotFoundError, ValueError) as exc:
+        engine = load_engine(engine_cfg, server_cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine, server_cfg)

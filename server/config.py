@@ -42,6 +42,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds in-flight requests may take before they are aborted
     retry_after: int = 1  # seconds, the Retry-After header on 503
     log_level: str = "info"  # debug | info | warning | error | critical
+    engine_process: bool = True  # run the engine in its own process (no GIL shared with HTTP); false = a thread
 
     def __post_init__(self) -> None:
         checks = {

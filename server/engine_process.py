@@ -1,0 +1,174 @@
+"""EngineProcess: the Engine in its own process, reached over two pipes; the server's default `Core`.
+
+Why a process: on a small model the engine's step is mostly Python (scheduling, sampling, bookkeeping), and in a
+thread it shares one GIL with the event loop's per-token work (SSE framing, detokenizing, metrics), so each
+waits for the other. In its own process the engine steps while the event loop serves: the same design as
+vLLM v1's EngineCore process.
+
+Wire: commands (`server.engine_core` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
+that the event loop never blocks on a full pipe; events come back up the other as `(name, *args)` tuples, read by
+a reader thread that hands each one to `emit`. The child is started with `spawn` (no forked torch or CUDA state),
+loads the model, answers `("ready", RequestPolicy, model_path)` or `("error", exception type, message)`, then
+runs `run_engine_loop`. The parent loads only the tokenizer and validates requests with the shipped policy.
+
+Lifetime: the child starts its own session, so a signal sent to the server's process group (Ctrl-C in a
+terminal, `kill -TERM -PGID`) reaches only the server, which drains and then stops the child with Stop (SIGKILL
+after a timeout). If the server process dies, the child sees its command pipe close and exits. If the child
+dies, the reader sees the event pipe close and emits "dead", so every open request fails and /health says 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.policy import RequestPolicy
+from engine.sequence import SamplingParams
+from server.engine_core import Command, Core, Emit, Stop, run_engine_loop
+
+log = logging.getLogger("trimode.server")
+
+_LOAD_ERRORS: dict[str, type[Exception]] = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+
+
+def _child_main(config: EngineConfig, log_level: str, commands: Connection, events: Connection) -> None:
+    """The engine process: load, report, serve commands until Stop or until the server goes away."""
+    if hasattr(os, "setsid"):
+        os.setsid()  # out of the server's process group: group signals are the server's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+
+    def emit(name: str, *args: Any) -> None:
+        try:
+            events.send((name, *args))
+        except OSError:  # the server process is gone
+            raise SystemExit(0) from None
+
+    try:
+        from engine.engine import Engine, default_model_path
+
+        engine = Engine(config)
+        path = config.model or default_model_path()
+    except Exception as exc:  # reported to the parent, which raises it at startup
+        emit("error", type(exc).__name__, str(exc))
+        return
+    emit("ready", engine.policy, path)
+
+    def get(block: bool) -> Command | None:
+        try:
+            if block or commands.poll():
+                return commands.recv()
+        except (EOFError, OSError):
+            return Stop()  # the server process is gone
+        return None
+
+    run_engine_loop(engine, get, emit)
+
+
+class EngineProcess(Core):
+    """Spawn the engine process and wait until its model is loaded; raises what loading raised."""
+
+    def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout: float = 600.0) -> None:
+        ctx = mp.get_context("spawn")
+        child_commands, self._commands = ctx.Pipe(duplex=False)
+        self._events, child_events = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_child_main, args=(config, log_level, child_commands, child_events),
+                                name="trimode-engine", daemon=True)
+        self.proc.start()
+        child_commands.close()
+        child_events.close()
+        self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        try:
+            self.policy, path = self._wait_ready(startup_timeout)
+        except BaseException:
+            self._kill()
+            self._commands.close()
+            self._events.close()
+            raise
+        from engine.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
+        self.model_name = self.policy.model_name
+        self.max_model_len = self.policy.max_model_len
+        log.info("engine process %d ready (%s)", self.proc.pid, self.model_name)
+
+    def _wait_ready(self, timeout: float) -> tuple[RequestPolicy, str]:
+        deadline = time.monotonic() + timeout
+        while not self._events.poll(0.2):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the engine process exited while loading (exit code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine process did not load the model within {timeout:.0f}s")
+        try:
+            msg = self._events.recv()
+        except EOFError:
+            raise RuntimeError("the engine process exited while loading") from None
+        if msg[0] == "error":
+            _, kind, text = msg
+            raise _LOAD_ERRORS.get(kind, RuntimeError)(text if kind in _LOAD_ERRORS else f"{kind}: {text}")
+        _, policy, path = msg
+        return policy, path
+
+    # ---- request checks, answered here from the shipped policy ------------------------------------------------
+    def resolve_params(self, params: SamplingParams) -> SamplingParams:
+        return self.policy.resolve_params(params)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.policy.check_request(prompt_token_ids, params)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def start(self, emit: Emit) -> None:
+        self._threads = [threading.Thread(target=self._read, args=(emit,), name="trimode-engine-events",
+                                          daemon=True),
+                         threading.Thread(target=self._write, name="trimode-engine-commands", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def send(self, cmd: Command) -> None:
+        self._outbox.put(cmd)
+
+    def _write(self) -> None:
+        while (cmd := self._outbox.get()) is not None:
+            try:
+                self._commands.send(cmd)
+            except OSError:
+                return  # the child is gone; the reader reports it
+
+    def _read(self, emit: Emit) -> None:
+        while True:
+            try:
+                msg = self._events.recv()
+            except (EOFError, OSError):
+                break
+            emit(*msg)
+        if not self._stopping:
+            self.proc.join(5)
+            log.error("the engine process exited (exit code %s)", self.proc.exitcode)
+            emit("dead", f"the engine process exited (exit code {self.proc.exitcode})")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child (Stop, then SIGKILL after `timeout`) and the two threads."""
+        self._stopping = True
+        self._outbox.put(Stop())
+        self._outbox.put(None)
+        self.proc.join(timeout)
+        self._kill()
+        for t in self._threads:  # the child's exit closed the event pipe: the reader has seen EOF
+            t.join(timeout)
+        self._commands.close()
+        self._events.close()
+
+    def _kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
