@@ -4,7 +4,10 @@ Grouping rule (documented in README, knobs in `[engine]`): every step each runni
 needs next: `prefill` (chunked), `ar_decode`, `denoise`, `commit`, `draft` or `verify`, plus its batching key
 (the draft-LoRA flag; `(steps, block_length)` for denoise, `block_length` for commit / draft / verify). Sequences
 with equal (name, key) form a group and the step runs exactly one group: the one whose members waited longest
-(the smallest `last_scheduled`), so groups take turns and no mode starves. Within a group the longest-waiting
+(the smallest `last_scheduled`), so groups take turns and no mode starves. Prefill chunks ride along with a causal
+decode group (`ar_decode`, `commit`, `verify`: the same kind of forward, writing K/V) when either is chosen, so a
+newly arrived request does not cost the running ones a forward of their own; the batch is named after the decode
+group. Within a group the longest-waiting
 sequences go first while the query tokens fit `max_num_batched_tokens` (a prefill is chunked to the room left).
 A sequence is never held back for the slowest of its group: each one asks for its own next forward every step.
 
@@ -103,6 +106,21 @@ class Scheduler:
             groups.setdefault((req.name, req.kind, req.draft_lora, req.group), []).append((seq, req))
         key = min(groups, key=lambda k: (min(s.last_scheduled for s, _ in groups[k]), k[0] != "prefill"))
         members = sorted(groups[key], key=lambda sr: sr[0].last_scheduled)
+        name, kind, lora, _ = key
+        if kind == ForwardKind.CAUSAL and not lora:
+            # Mixed batch (vLLM-style): prefill chunks and one causal decode group (ar_decode, commit or verify)
+            # write K/V the same way, so they share a forward and pay for one pass over the weights instead of two.
+            # Decode members go first (a token or a block each), prefill chunks take the room left.
+            if name == "prefill":
+                partners = [k for k in groups if k[1] == ForwardKind.CAUSAL and not k[2] and k[0] != "prefill"]
+                if partners:
+                    decode = min(partners, key=lambda k: min(s.last_scheduled for s, _ in groups[k]))
+                    name = decode[0]
+                    members = sorted(groups[decode], key=lambda sr: sr[0].last_scheduled) + members
+            else:
+                prefill = next((k for k in groups if k[0] == "prefill"), None)
+                if prefill is not None:
+                    members += sorted(groups[prefill], key=lambda sr: sr[0].last_scheduled)
         chosen: list[tuple[Sequence, ForwardRequest]] = []
         budget = self.max_num_batched_tokens
         for seq, req in members:
@@ -119,7 +137,6 @@ class Scheduler:
             return None
         for seq, _ in chosen:
             seq.last_scheduled = self._step
-        name, kind, lora, _ = key
         return Batch(name, kind, lora, [s for s, _ in chosen], [r for _, r in chosen])
 
     def _reserve_slots(self, chosen: list[tuple[Sequence, ForwardRequest]]) -> list[tuple[Sequence, ForwardRequest]]:

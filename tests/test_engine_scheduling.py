@@ -61,6 +61,30 @@ def test_every_forward_is_homogeneous_and_groups_take_turns(tiny_llm):
     assert {"prefill", "ar_decode", "denoise", "commit", "draft", "verify"} <= set(kinds)
 
 
+def test_new_requests_prefill_in_the_same_forward_as_running_decodes(tiny_llm):
+    eng = tiny_llm.engine
+    prompts = _prompts(5, seed=14)
+    params = [_params("ar", 12)] * 3 + [_params("ar", 12), _params("self_spec", 12)]
+    alone = [tiny_llm.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)]
+    got: dict[str, list[int]] = {}
+    for i in range(3):
+        eng.add_request(f"m{i}", prompts[i], params[i])
+    for out in eng.step():  # their prefill (one forward)
+        got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for i in (3, 4):
+        eng.add_request(f"m{i}", prompts[i], params[i])
+    for out in eng.step():
+        got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    # three one-token decodes and two whole prompts in one causal forward, named after the decode group
+    assert eng.last_stats.forward_kind == "ar_decode" and eng.last_stats.batch_size == 5
+    assert eng.last_stats.num_query_tokens == 3 + len(prompts[3]) + len(prompts[4])
+    while eng.has_unfinished():
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [got[f"m{i}"] for i in range(5)] == alone
+    assert eng.num_free_blocks == eng.num_total_blocks
+
+
 _REFERENCE: dict[tuple, list[int]] = {}
 
 
