@@ -12,7 +12,8 @@ Three parts (``--parts``, all by default), each started on its own so one failin
    output tok/s, TTFT, TPOT, tokens per forward (from the server's ``/metrics``), plotted to ``modes.png``;
    the crossover is the first concurrency where ar's output tok/s >= self_spec's.
 3. ``transformers``: SmolLM2-135M-Instruct in ar mode, trimode's server against
-   ``transformers serve --continuous-batching`` (fp32, CPU, same local weights, prompts and concurrency levels).
+   ``transformers serve --continuous-batching`` (``--dtype``, fp32 by default, CPU, same local weights, prompts and
+   concurrency levels).
    When that server cannot be started or serves nothing, the error text is recorded and transformers'
    batched offline ``generate`` is measured instead, labelled as such.
 
@@ -295,7 +296,8 @@ def running(server: ServerProcess, timeout: float) -> Iterator[str]:
         server.stop()
 
 
-def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "trimode") -> ServerProcess:
+def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "trimode",
+                   dtype: str = "float32") -> ServerProcess:
     port = free_port()
     cmd = [
         sys.executable,
@@ -315,14 +317,15 @@ def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "
         "--engine.device",
         "cpu",
         "--engine.dtype",
-        "float32",
+        dtype,
     ]
     if threads:
         cmd += ["--engine.num_threads", str(threads)]
     return ServerProcess(name, cmd, port, log_dir / f"{name}.log", thread_env(threads))
 
 
-def transformers_server(model_dir: str, log_dir: Path, threads: int | None, exe: str | None) -> ServerProcess:
+def transformers_server(model_dir: str, log_dir: Path, threads: int | None, exe: str | None,
+                        dtype: str = "float32") -> ServerProcess:
     port = free_port()
     exe = exe or shutil.which("transformers") or "transformers"
     cmd = [
@@ -330,7 +333,7 @@ def transformers_server(model_dir: str, log_dir: Path, threads: int | None, exe:
         "serve",
         "--continuous-batching",
         "--dtype",
-        "float32",
+        dtype,
         "--device",
         "cpu",
         "--host",
@@ -468,6 +471,7 @@ class Settings:
     out_dir: Path
     parts: list[str]
     threads: int | None
+    dtype: str
     input_len: int
     output_len: int
     concurrencies: list[int]
@@ -536,7 +540,7 @@ def part_overhead(
     if s.threads:
         torch.set_num_threads(s.threads)
     extra = {"num_threads": s.threads} if s.threads else {}
-    llm = LLM(model, device="cpu", dtype="float32", max_num_seqs=c, **extra)
+    llm = LLM(model, device="cpu", dtype=s.dtype, max_num_seqs=c, **extra)
     try:
         offline_run(llm, ids[: min(2, n)], 4, mode)  # warm-up
         bench(url, dataset, min(2, n), 2, 4, mode=mode, knobs=s.knobs)
@@ -744,7 +748,8 @@ def hf_offline(model_dir: Path, rows: list[dict[str, Any]], s: Settings) -> dict
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, s.dtype),
+                                                 local_files_only=True).eval()
     out: dict[str, Any] = {}
     with torch.inference_mode():
 
@@ -790,7 +795,7 @@ def part_transformers(s: Settings, smol: Path, dataset: Path, rows: list[dict[st
     result: dict[str, Any] = {
         "model": str(smol),
         "mode": "ar",
-        "dtype": "float32",
+        "dtype": s.dtype,
         "concurrencies": levels,
         "input_len": s.hf_input_len,
         "output_len": s.hf_output_len,
@@ -817,12 +822,12 @@ def part_transformers(s: Settings, smol: Path, dataset: Path, rows: list[dict[st
                 raise RuntimeError(f"{side}: every request failed at concurrency {c}: {res['errors'][:3]}")
 
     log("transformers part: trimode server on SmolLM2")
-    with running(trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2"), s.startup_timeout) as url:
+    with running(trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2", s.dtype), s.startup_timeout) as url:
         sweep("trimode", url, "ar", True, None)
 
     hf_dir, note = hf_ready_dir(smol, s.out_dir)
     result["hf_model_dir"], result["hf_model_dir_note"] = str(hf_dir), note
-    server = transformers_server(str(hf_dir), log_dir, s.threads, s.transformers_exe)
+    server = transformers_server(str(hf_dir), log_dir, s.threads, s.transformers_exe, s.dtype)
     result["baseline_command"] = shlex.join(server.cmd)
     result["baseline_request_extra"] = {"generation_config": json.dumps(HF_GEN_CONFIG)}
     try:
@@ -959,8 +964,8 @@ def summary_markdown(res: dict[str, Any]) -> str:
     if tf:
         lines += [
             "",
-            f"## 3. trimode vs transformers (SmolLM2-135M-Instruct, ar, fp32, {tf['input_len']} in / "
-            f"{tf['output_len']} out)",
+            f"## 3. trimode vs transformers (SmolLM2-135M-Instruct, ar, {tf.get('dtype', 'float32')}, "
+            f"{tf['input_len']} in / {tf['output_len']} out)",
             "",
             f"Baseline: **{tf.get('baseline_kind')}**.",
         ]
@@ -1017,6 +1022,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="overhead,modes,transformers", help="comma list of parts to run")
     p.add_argument("--quick", action="store_true", help="smoke test: few prompts, short outputs, fewer levels")
     p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and compute dtype of every engine and server in the run (both sides of each comparison)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -1061,6 +1072,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         out_dir=Path(args.out_dir),
         parts=parts,
         threads=args.threads or None,
+        dtype=args.dtype,
         input_len=pick(args.input_len, 128, 32),
         output_len=pick(args.output_len, 64, 16),
         concurrencies=pick(args.concurrencies, [1, 2, 4, 8, 16], [1, 4]),
@@ -1131,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset = s.out_dir / "prompts-model.jsonl"
             rows = build_prompts(tok, n, s.input_len, s.output_len, s.seed, dataset, s.dataset)
             res["prompts"] = prompts_desc(s)
-            server = trimode_server(model, s.out_dir / "logs", s.threads)
+            server = trimode_server(model, s.out_dir / "logs", s.threads, dtype=s.dtype)
             log(f"starting trimode serve on {model}")
             try:
                 url = server.start(s.startup_timeout)
