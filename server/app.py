@@ -61,7 +61,7 @@ async def with_cancellation(request: Request, handler: Awaitable[Response], aeng
 
 
 def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
-    """Build the app; the engine thread starts with the app's lifespan and stops with it."""
+    """Build the app over an Engine (run in a thread) or an EngineProcess; the engine loop follows the lifespan."""
     config = config or ServerConfig()
     aeng = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens)
     metrics = aeng.metrics

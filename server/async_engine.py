@@ -26,7 +26,7 @@ log = logging.getLogger("trimode.server")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread died; nothing more will be served."""
+    """The engine (its loop or its process) died; nothing more will be served."""
 
 
 class RequestFailedError(RuntimeError):

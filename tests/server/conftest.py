@@ -15,13 +15,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_served_checkpoint(tmp_path_factory.mktemp("trimode-test"))
 
 
-def make_engine(ckpt: Path, **over):
+def engine_config(ckpt: Path, **over):
+    """The test servers' EngineConfig for `ckpt` (CPU, small pool), with overrides."""
     from engine.config import EngineConfig
-    from engine.engine import Engine
 
     cfg = dict(model=str(ckpt), device="cpu", num_kv_tokens=8192, max_num_seqs=32, max_num_batched_tokens=1024)
     cfg.update(over)
-    return Engine(EngineConfig(**cfg))
+    return EngineConfig(**cfg)
+
+
+def make_engine(ckpt: Path, **over):
+    from engine.engine import Engine
+
+    return Engine(engine_config(ckpt, **over))
 
 
 @pytest.fixture(scope="session")

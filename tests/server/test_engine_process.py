@@ -11,25 +11,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.server.conftest import engine_config
 from tests.server.helpers import metric, sse_json
 from tests.server_fixtures import live_server
 
 BODY = {"prompt": "Hello there", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
 
 
-def _engine_config(ckpt: Path, **over):
-    from engine.config import EngineConfig
-
-    cfg = dict(model=str(ckpt), device="cpu", num_kv_tokens=8192, max_num_seqs=32, max_num_batched_tokens=1024)
-    cfg.update(over)
-    return EngineConfig(**cfg)
-
-
 @pytest.fixture(scope="module")
 def proc_engine(ckpt: Path):
     from server.engine_process import EngineProcess
 
-    eng = EngineProcess(_engine_config(ckpt), log_level="warning")
+    eng = EngineProcess(engine_config(ckpt), log_level="warning")
     yield eng
     if eng.proc.is_alive():  # the app's lifespan stops it; this is the safety net
         eng.stop()
@@ -87,7 +80,7 @@ def test_a_bad_checkpoint_fails_startup_with_the_loader_error(tmp_path: Path) ->
     from server.engine_process import EngineProcess
 
     with pytest.raises(FileNotFoundError, match="config.json"):
-        EngineProcess(_engine_config(tmp_path), log_level="error")
+        EngineProcess(engine_config(tmp_path), log_level="error")
 
 
 def test_a_killed_engine_process_fails_open_streams_and_health(ckpt: Path) -> None:
@@ -95,7 +88,7 @@ def test_a_killed_engine_process_fails_open_streams_and_health(ckpt: Path) -> No
     from server.config import ServerConfig
     from server.engine_process import EngineProcess
 
-    eng = EngineProcess(_engine_config(ckpt, num_kv_tokens=4096), log_level="critical")
+    eng = EngineProcess(engine_config(ckpt, num_kv_tokens=4096), log_level="critical")
     with live_server(create_app(eng, ServerConfig())) as url, httpx.Client(timeout=30) as client:
         # slow on purpose (8 choices, one token per diffusion step) so that the kill lands mid-stream
         body = {**BODY, "max_tokens": 400, "stream": True, "n": 8, "mode": "diffusion", "steps": 8, "block_length": 8}
@@ -115,7 +108,7 @@ def test_stopping_the_server_stops_the_engine_process(ckpt: Path) -> None:
     from server.app import create_app
     from server.engine_process import EngineProcess
 
-    eng = EngineProcess(_engine_config(ckpt, num_kv_tokens=4096), log_level="error")
+    eng = EngineProcess(engine_config(ckpt, num_kv_tokens=4096), log_level="error")
     with live_server(create_app(eng)) as url:
         assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=30).status_code == 200
         assert eng.proc.is_alive()
