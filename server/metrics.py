@@ -52,8 +52,8 @@ class ServerMetrics:
                                     "its first token (the queue wait, for unchunked prefills).",
                                     mm, buckets=E2E_BUCKETS, registry=r)
         self.num_preemptions = Counter(p + "num_preemptions", "Preemptions by recompute.", m, registry=r)
-        self.batch_size = Histogram(p + "batch_size", "Sequences per forward.", ["model_name", "forward_kind"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Sequences per forward (prefills riding with a decode group "
+                                    "count there).", ["model_name", "forward_kind"], buckets=BATCH_BUCKETS, registry=r)
         self.iteration_tokens = Histogram(p + "iteration_tokens_total", "Query tokens per forward.", m,
                                           buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
                                           registry=r)
