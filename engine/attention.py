@@ -75,7 +75,8 @@ class PagedContext:
     their K/V goes to `slot_mapping` (flat slot = block * block_size + offset) before attention reads the pages.
     Every index tensor and the mask are built once per forward, vectorised; `attend` runs per layer and only
     writes, gathers and calls the kernel. Decode batches (one query per sequence) need no query gather and no
-    causal mask; a lone sequence needs no padding.
+    causal mask; a lone sequence needs no padding. A mixed batch (one-token decodes next to prefill chunks, see the
+    scheduler) runs as two plans, so that the decodes' single queries are not padded to the prefills' length.
     """
 
     cache: KVCache
@@ -88,9 +89,10 @@ class PagedContext:
     positions: torch.Tensor = field(init=False)  # [T] int64, position of every query token
     slot_mapping: torch.Tensor = field(init=False)  # [T] int64, cache slot of every query token
     _prepared: dict = field(default_factory=dict, init=False)
+    _plans: list[dict] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        device, dtype = self.cache.k.device, self.cache.k.dtype
+        device = self.cache.k.device
         bs = self.cache.block_size
         b, t = len(self.q_lens), sum(self.q_lens)
         max_blocks = max(len(tb) for tb in self.block_tables)
@@ -101,18 +103,39 @@ class PagedContext:
         pos = (k_lens - q_lens)[seq_of] + torch.arange(t) - q_start[seq_of]  # [T]
         self.positions = pos.to(device)
         self.slot_mapping = (tables[seq_of, pos // bs] * bs + pos % bs).to(device)
-        max_q, max_k = max(self.q_lens), max(self.k_lens)
         if self.use_flash:
             zero = torch.zeros(1, dtype=torch.long)
             cu_q, cu_k = torch.cat([zero, q_lens.cumsum(0)]), torch.cat([zero, k_lens.cumsum(0)])
             self._prepared = dict(tables=tables.to(device, torch.int32), cu_q=cu_q.to(device, torch.int32),
-                                  cu_k=cu_k.to(device, torch.int32), max_q=max_q, max_k=max_k)
+                                  cu_k=cu_k.to(device, torch.int32), max_q=max(self.q_lens), max_k=max(self.k_lens))
             return
+        singles = [i for i, n in enumerate(self.q_lens) if n == 1]
+        if 0 < len(singles) < b:
+            multis = [i for i, n in enumerate(self.q_lens) if n > 1]
+            for part in (singles, multis):
+                plan = self._plan(part, tables)
+                idx = torch.tensor(part)
+                plan["rows"] = torch.cat([torch.arange(int(q_start[i]), int(q_start[i] + q_lens[i]))
+                                          for i in idx]).to(device)
+                self._plans.append(plan)
+        else:
+            self._plans.append(self._plan(list(range(b)), tables))
+
+    def _plan(self, part: list[int], all_tables: torch.Tensor) -> dict:
+        """Gather indices, mask and kernel path for the sequences `part` (their query rows, concatenated)."""
+        device, dtype = self.cache.k.device, self.cache.k.dtype
+        bs = self.cache.block_size
+        q_list, k_list = [self.q_lens[i] for i in part], [self.k_lens[i] for i in part]
+        b, t = len(part), sum(q_list)
+        q_lens, k_lens = torch.tensor(q_list), torch.tensor(k_list)
+        q_start = q_lens.cumsum(0) - q_lens
+        max_q, max_k = max(q_list), max(k_list)
+        tables = all_tables[torch.tensor(part)]
         key_pos = torch.arange(max_k)
         kv_idx = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, max_k] (padding -> a slot of block 0, masked)
         k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
         p: dict = dict(kv_idx=kv_idx.flatten().to(device), shape=(b, max_k), is_causal=False, kv_start=None)
-        first = self.block_tables[0]
+        first = self.block_tables[part[0]]
         if b == 1 and first == list(range(first[0], first[0] + len(first))):
             p["kv_start"] = first[0] * bs  # a lone sequence on consecutive pages: read them as one slice, no gather
         if max_q == 1:  # decode: the only query sees every key of its sequence, causal or not
@@ -133,7 +156,7 @@ class PagedContext:
             p.update(path="single" if b == 1 else "padded", mask=_additive(mask[:, None], dtype, device),
                      q_rows=(q_start[:, None] + q_off[None, :]).clamp(max=t - 1).to(device),
                      q_flat=q_valid.flatten().nonzero().squeeze(1).to(device))
-        self._prepared = p
+        return p
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
@@ -141,10 +164,20 @@ class PagedContext:
         flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
         flat_k.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         flat_v.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        p = self._prepared
         if self.use_flash:
+            p = self._prepared
             return flash_attn_varlen_func(q, kc, vc, p["cu_q"], p["cu_k"], p["max_q"], p["max_k"],
                                           causal=self.causal, block_table=p["tables"])
+        if len(self._plans) == 1:
+            return self._attend_plan(self._plans[0], q, flat_k, flat_v)
+        out = torch.empty_like(q)
+        for p in self._plans:
+            out[p["rows"]] = self._attend_plan(p, q[p["rows"]], flat_k, flat_v)
+        return out
+
+    @staticmethod
+    def _attend_plan(p: dict, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor) -> torch.Tensor:
+        hkv, d = flat_k.shape[-2], flat_k.shape[-1]
         b, max_k = p["shape"]
         if p["kv_start"] is None:
             keys = flat_k.index_select(0, p["kv_idx"]).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, max_k, D]

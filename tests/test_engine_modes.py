@@ -45,6 +45,43 @@ def test_paged_ar_logits_equal_full_recompute(tiny_llm):
         torch.testing.assert_close(logits, _logits(model, ids, len(ids))[-1], atol=2e-4, rtol=1e-4)
 
 
+def test_paged_logits_of_mixed_prefill_and_decode_batches_equal_full_recompute(tiny_ckpt):
+    """Forwards holding one-token decodes next to prefill chunks (with and without cached context) give every
+    sequence the logits of a no-cache recompute of its prefix (fp32)."""
+    from engine.llm import LLM
+    from tests.reference import _logits
+
+    llm = LLM(model=str(tiny_ckpt), num_kv_tokens=4096, max_num_batched_tokens=24)  # long prompts get chunked
+    eng = llm.engine
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    mixed = 0
+    run = eng.runner.run
+
+    def spy(batch):
+        nonlocal mixed
+        out = run(batch)
+        names = {r.name for r in batch.requests}
+        if {"prefill", "ar_decode"} <= names:
+            mixed += 1
+            for seq, req, rows in zip(batch.seqs, batch.requests, out):
+                seen.append((list(seq.token_ids[:seq.num_computed_tokens + len(req.token_ids)]), rows[-1].clone()))
+        return out
+
+    eng.runner.run = spy
+    params = SamplingParams(max_tokens=8, mode="ar", ignore_eos=True)
+    prompts = ragged_prompts(6, seed=5) + [[7] * 50]
+    for i, p in enumerate(prompts[:3]):
+        eng.add_request(f"x{i}", p, params)
+    eng.step()
+    for i, p in enumerate(prompts[3:], start=3):
+        eng.add_request(f"x{i}", p, params)
+    while eng.has_unfinished():
+        eng.step()
+    assert mixed >= 2 and eng.num_free_blocks == eng.num_total_blocks
+    for ids, logits in seen:
+        torch.testing.assert_close(logits, _logits(eng.runner.model, ids, len(ids))[-1], atol=2e-4, rtol=1e-4)
+
+
 def test_greedy_ar_equals_naive_recompute(tiny_llm):
     prompts = ragged_prompts(3, seed=1)
     outs = tiny_llm.generate(prompts, SamplingParams(max_tokens=10, mode="ar", ignore_eos=True))
