@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome
+from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome, chosen
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
 from engine.sampling import sample
@@ -158,8 +158,8 @@ class Engine:
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
         seq.sample_after_prefill = False
-        return Outcome(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id),
-                       num_kv_kept=len(req.token_ids))
+        return chosen(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id), rows[-1:], seq, self.env,
+                      num_kv_kept=len(req.token_ids))
 
     @staticmethod
     def _count(stats: StepStats, name: str, outcome: Outcome) -> None:
@@ -192,8 +192,9 @@ class Engine:
         if not emitted and seq.finish_reason is None:
             return None
         assert seq.params.mode is not None
+        lps = None if outcome.logprobs is None else outcome.logprobs[:len(emitted)]
         return RequestOutput(seq.request_id, emitted, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode)
+                             seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode, lps)
 
     # ---- introspection --------------------------------------------------------------------------------------
     @property

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sequence import SamplingParams
+from engine.sequence import Logprob, SamplingParams
 
 
 @dataclass
@@ -20,6 +20,7 @@ class CompletionOutput:
     mode: str
     num_forwards: int  # every forward the request took part in, prefill included
     num_decode_forwards: int  # forwards after prefill
+    logprobs: list[Logprob] | None = field(default=None)  # one per output token when params.logprobs is set
 
     @property
     def tokens_per_forward(self) -> float:
@@ -54,13 +55,18 @@ class LLM:
             self.engine.add_request(rid, prompt, sp)
         done: dict[str, CompletionOutput] = {}
         outs: dict[str, list[int]] = {r: [] for r in rids}
+        lps: dict[str, list[Logprob]] = {}
         while len(done) < len(rids):
             for o in self.engine.step():
                 outs[o.request_id] += o.new_token_ids
+                if o.logprobs is not None:
+                    lps.setdefault(o.request_id, []).extend(o.logprobs)
                 if o.finished:
                     text = self.tokenizer.decode(outs[o.request_id], skip_special_tokens=True) \
                         if self.tokenizer is not None else ""
                     done[o.request_id] = CompletionOutput(
                         ids[rids.index(o.request_id)], outs[o.request_id], text, o.finish_reason or "",
-                        o.stop_reason, o.mode, o.num_forwards, o.num_decode_forwards)
+                        o.stop_reason, o.mode, o.num_forwards, o.num_decode_forwards,
+                        lps.get(o.request_id, []) if params_list[rids.index(o.request_id)].logprobs is not None
+                        else None)
         return [done[r] for r in rids]

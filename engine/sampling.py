@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sequence import SamplingParams
+from engine.sequence import Logprob, SamplingParams
 
 
 def exclude(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
@@ -44,6 +44,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return logits.argmax(-1).tolist()
     probs = _filter(logits / params.temperature, params).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: int, mask_id: int | None) -> list[Logprob]:
+    """Per row of logits [N, V]: the logprob of tokens[i] and the `num_top` most likely (id, logprob)."""
+    logp = exclude(logits, mask_id).log_softmax(-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
+    if num_top == 0:
+        return [Logprob(lp, ()) for lp in chosen]
+    top = torch.topk(logp, num_top, dim=-1)
+    return [Logprob(lp, tuple(zip(ids, vals))) for lp, ids, vals in zip(chosen, top.indices.tolist(),
+                                                                         top.values.tolist())]
 
 
 def denoise_pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

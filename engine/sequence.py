@@ -13,6 +13,8 @@ from typing import Any
 
 from engine.config import MODES
 
+MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +31,7 @@ class SamplingParams:
     steps: int | None = None  # diffusion: refinement-step budget per block (1..block_length); None = block_length
     block_length: int | None = None  # diffusion / self_spec block length L; None = engine default
     threshold: float | None = None  # diffusion: commit confidence in (0, 1]; self_spec: None = one-shot draft
+    logprobs: int | None = None  # per emitted token: its logprob and the top-N alternatives (0..20); None = off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -53,6 +56,21 @@ class SamplingParams:
             raise ValueError(f"steps must be <= block_length ({self.block_length}), got {self.steps}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One emitted token's log-probability under the distribution it was chosen from, and the top-N there.
+
+    The distribution is the model's own (log-softmax of the logits with the mask id excluded), before temperature,
+    top-k and top-p, as vLLM reports by default: the causal row for ar, prefill and self_spec (the verify row, so
+    self_spec's logprobs are ar's), the denoise row of the step that committed the token for diffusion (and the
+    commit row for each block's seed)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 class SequenceStatus(Enum):
@@ -113,6 +131,7 @@ class RequestOutput:
     num_forwards: int
     num_decode_forwards: int
     mode: str
+    logprobs: list[Logprob] | None = None  # one per new token when the request asked for logprobs
 
     @property
     def finished(self) -> bool:

@@ -203,10 +203,46 @@ def test_seeded_sampling_is_reproducible(tiny_llm, mode):
     ("max_tokens", {"max_tokens": 0}),
     ("top_p", {"top_p": 0.0}),
     ("temperature", {"temperature": -1.0}),
+    ("logprobs", {"logprobs": 21}),
+    ("logprobs", {"logprobs": -1}),
 ])
 def test_bad_knobs_raise_value_error_naming_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logprobs_come_with_every_token_in_every_mode(tiny_llm, mode):
+    prompts = ragged_prompts(3, seed=21)
+    plain = tiny_llm.generate(prompts, SamplingParams(max_tokens=20, mode=mode, ignore_eos=True))
+    outs = tiny_llm.generate(prompts, SamplingParams(max_tokens=20, mode=mode, ignore_eos=True, logprobs=3))
+    for o, p in zip(outs, plain):
+        assert o.token_ids == p.token_ids and p.logprobs is None  # asking for logprobs changes no token
+        assert len(o.logprobs) == len(o.token_ids) == 20
+        for tok, lp in zip(o.token_ids, o.logprobs):
+            # greedy: every mode emits the argmax of the row it chose from, so the token is that row's top entry
+            assert len(lp.top) == 3 and lp.top[0] == (tok, lp.logprob) and lp.logprob <= 0
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            assert MASK_ID not in [t for t, _ in lp.top]
+
+
+def test_ar_logprobs_equal_full_recompute_and_self_spec_reports_the_same(tiny_llm):
+    from tests.reference import _logits
+
+    prompts = ragged_prompts(2, seed=22)
+    ar = tiny_llm.generate(prompts, SamplingParams(max_tokens=12, mode="ar", ignore_eos=True, logprobs=0))
+    spec = tiny_llm.generate(prompts, SamplingParams(max_tokens=12, mode="self_spec", ignore_eos=True, logprobs=0))
+    model = tiny_llm.engine.runner.model
+    for prompt, a, s in zip(prompts, ar, spec):
+        ids = prompt + a.token_ids
+        logits = _logits(model, ids, len(ids))
+        logits[:, MASK_ID] = float("-inf")
+        want = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(a.token_ids)[:, None])
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in a.logprobs]), want.squeeze(-1),
+                                   atol=2e-4, rtol=1e-4)
+        assert s.token_ids == a.token_ids and all(lp.top == () for lp in s.logprobs)
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in s.logprobs]),
+                                   torch.tensor([lp.logprob for lp in a.logprobs]), atol=2e-4, rtol=1e-4)
 
 
 def test_disallowed_block_length_and_steps_past_default_block(tiny_llm):

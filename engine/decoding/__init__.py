@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-from engine.sequence import Sequence
+from engine.sampling import token_logprobs
+from engine.sequence import Logprob, Sequence
 
 
 class ForwardKind(Enum):
@@ -39,6 +40,7 @@ class Outcome:
     spec_draft_tokens: int = 0  # self_spec verify: drafts checked
     spec_accepted: int = 0  # self_spec verify: drafts accepted (bonus excluded)
     denoise_steps: int | None = None  # diffusion: set when a block resolves
+    logprobs: list[Logprob] | None = None  # aligned with new_token_ids when the request asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ class DecodeEnv:
     mask_id: int | None
     spec_lora: bool = False
     diffusion_lora: bool = False
+
+
+def chosen(tokens: list[int], rows: torch.Tensor, seq: Sequence, env: DecodeEnv, **kw) -> Outcome:
+    """An Outcome emitting `tokens`, each chosen from the matching row of `rows`, with logprobs when asked for."""
+    k = seq.params.logprobs
+    lps = None if k is None else token_logprobs(rows, tokens, k, env.mask_id)
+    return Outcome(tokens, logprobs=lps, **kw)
 
 
 class Decoder(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome
+from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome, chosen
 from engine.sampling import sample
 from engine.sequence import Sequence
 
@@ -14,4 +14,5 @@ class AR:
         return ForwardRequest("ar_decode", ForwardKind.CAUSAL, [seq.token_ids[-1]])
 
     def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, env: DecodeEnv) -> Outcome:
-        return Outcome(sample(logits[-1:], seq.params, seq.generator, env.mask_id), num_kv_kept=1)
+        return chosen(sample(logits[-1:], seq.params, seq.generator, env.mask_id), logits[-1:], seq, env,
+                      num_kv_kept=1)

@@ -13,13 +13,13 @@ forward, which could only produce tokens that are cut anyway.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome
-from engine.sampling import denoise_pick, sample
-from engine.sequence import Sequence
+from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome, chosen
+from engine.sampling import denoise_pick, sample, token_logprobs
+from engine.sequence import Logprob, Sequence
 
 
 @dataclass
@@ -27,6 +27,7 @@ class DiffusionState:
     block: list[int]  # [seed, ...]; undecided positions hold the mask id
     steps_done: int = 0
     resolved: bool = False  # denoising finished; the commit forward is next
+    logprobs: dict[int, Logprob] = field(default_factory=dict)  # block position -> from the step that committed it
 
 
 def commit_count(num_masked: int, steps_left: int, confident: int, threshold: float | None) -> int:
@@ -55,7 +56,7 @@ class BlockDiffusion:
         if req.name == "commit":
             seq.state = None
             seed = sample(logits[-1:], seq.params, seq.generator, env.mask_id)
-            return Outcome(seed, num_kv_kept=len(req.token_ids))
+            return chosen(seed, logits[-1:], seq, env, num_kv_kept=len(req.token_ids))
         p = seq.params
         block = st.block
         masked = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
@@ -65,13 +66,23 @@ class BlockDiffusion:
         order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
         for j in order:
             block[masked[j]] = int(x0[j])
+        if p.logprobs is not None:
+            lps = token_logprobs(logits[[masked[j] for j in order]], [int(x0[j]) for j in order], p.logprobs,
+                                 env.mask_id)
+            st.logprobs.update(zip((masked[j] for j in order), lps))
         st.steps_done += 1
         remaining = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
         first_stop = next((i for i, t in enumerate(block) if i > 0 and t in seq.stop_ids), None)
         if first_stop is not None and all(i > first_stop for i in remaining):
             st.resolved = True
-            return Outcome(block[1:first_stop + 1], denoise_steps=st.steps_done)
+            return self._emit(st, first_stop + 1, p.logprobs is not None)
         if not remaining:
             st.resolved = True
-            return Outcome(block[1:], denoise_steps=st.steps_done)
+            return self._emit(st, len(block), p.logprobs is not None)
         return Outcome([])
+
+    @staticmethod
+    def _emit(st: DiffusionState, end: int, with_logprobs: bool) -> Outcome:
+        """The resolved block's positions 1 .. end - 1, with the logprobs recorded when each was committed."""
+        lps = [st.logprobs[i] for i in range(1, end)] if with_logprobs else None
+        return Outcome(st.block[1:end], denoise_steps=st.steps_done, logprobs=lps)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome
+from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome, chosen
 from engine.decoding.diffusion import commit_count
 from engine.sampling import denoise_pick, sample
 from engine.sequence import Sequence
@@ -61,4 +61,5 @@ class SelfSpec:
         while c < k and ar[c] == st.block[c + 1]:
             c += 1
         seq.state = None
-        return Outcome(ar[: c + 1], num_kv_kept=c + 1, spec_draft_tokens=k, spec_accepted=c)
+        return chosen(ar[: c + 1], logits[: c + 1], seq, env, num_kv_kept=c + 1, spec_draft_tokens=k,
+                      spec_accepted=c)
