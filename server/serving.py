@@ -19,15 +19,16 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.sequence import RequestOutput, SamplingParams
+from engine.sequence import MAX_LOGPROBS, RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
 from server.config import ServerConfig
 from server.detokenizer import IncrementalDetokenizer, StopChecker
+from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
 
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
-                "block_length", "threshold", "prompt")
+                "block_length", "threshold", "prompt", "logprobs")
 CONTEXT_ERROR = "This model's maximum context length"
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
@@ -90,10 +91,15 @@ class ChoiceState:
     stop_reason: int | str | None = None
     text: list[str] = field(default_factory=list)
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # every token's, when the request asked for logprobs
+    logprobs_sent: int = 0  # streaming: how many of them went out already
+    text_offset: int = 0  # completions logprobs: characters before the next token's text
 
     def consume(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(zip(out.new_token_ids, out.logprobs))
         final = out.finish_reason is not None
         delta = self.detok.add(out.new_token_ids) if self.detok is not None else ""
         if final and self.detok is not None:
@@ -147,7 +153,8 @@ class Serving:
             raise APIError(400, "at most 256 stop_token_ids are allowed", "stop_token_ids")
         return stop
 
-    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                logprobs: int | None = None) -> SamplingParams:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else 16,
@@ -156,7 +163,8 @@ class Serving:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold)
+                mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
+                logprobs=logprobs)
             return self.aeng.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
@@ -190,12 +198,10 @@ class Serving:
         stop = self._check_common(req)
         if req.suffix is not None:
             raise APIError(400, "suffix is not currently supported", "suffix")
-        if req.logprobs is not None:
-            raise APIError(400, "logprobs is not supported (no mode of this server returns them yet)", "logprobs")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
-        base = self._params(req, req.max_tokens)
+        base = self._params(req, req.max_tokens, req.logprobs)
         tok = self.aeng.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
@@ -210,14 +216,18 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest) -> Response:
         stop = self._check_common(req)
-        if req.logprobs or req.top_logprobs:
-            raise APIError(400, "logprobs is not supported (no mode of this server returns them yet)", "logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        if req.top_logprobs is not None and req.top_logprobs > MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
+                           "top_logprobs")
         for name in ("tools", "response_format"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not currently supported", name)
         ids = await self.chat_ids(req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._fit(ids, self._params(req, max_tokens), max_tokens is None, "messages")
+        params = self._fit(ids, self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None),
+                           max_tokens is None, "messages")
         items = [(ids, _seeded(params, j)) for j in range(req.n)]
         states = [self._choice(j, ids, stop, req.include_stop_str_in_output, "") for j in range(req.n)]
         return await self._respond("chatcmpl", "chat.completion", req, items, states, len(ids))
@@ -281,7 +291,7 @@ class Serving:
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
         tok = self.aeng.tokenizer
         detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
-        return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo)
+        return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo))
 
     # ---- running ------------------------------------------------------------------------------------------
     async def _respond(self, id_prefix: str, obj: str, req: CompletionRequest | ChatCompletionRequest,
@@ -322,7 +332,8 @@ class Serving:
         finally:
             gen.close()
         completion_tokens = sum(s.num_output_tokens for s in states)
-        body = dict(head, choices=[_final_choice(s, obj) for s in states],
+        tok = self.aeng.tokenizer
+        body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
                     usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
         return Response(_dumps(body), media_type="application/json")
 
@@ -344,6 +355,7 @@ class Serving:
                       num_prompt_tokens: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
+        tok = self.aeng.tokenizer
 
         def usage() -> dict[str, dict[str, int]]:
             return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
@@ -365,7 +377,7 @@ class Serving:
                 for index, text in texts.items():
                     state = states[index]
                     if text or state.finish_reason is not None:
-                        yield sse(dict(base, choices=[_chunk_choice(state, text, chat)],
+                        yield sse(dict(base, choices=[_chunk_choice(state, text, chat, tok)],
                                        **(usage() if continuous else {}), mode=mode))
                 item = None if _all_done(states) else await gen.next()
             if include_usage:
@@ -394,21 +406,36 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _chunk_choice(s: ChoiceState, text: str, chat: bool) -> dict[str, Any]:
+def _logprobs(s: ChoiceState, chat: bool, tok: Any, start: int) -> dict[str, Any] | None:
+    """The choice's logprobs object for its tokens from `start` on (None when the request asked for none)."""
+    if s.logprobs is None:
+        return None
+    items = s.logprobs[start:]
     if chat:
-        return {"index": s.index, "delta": {"content": text} if text else {}, "logprobs": None,
+        return chat_logprobs(tok, items)
+    out, s.text_offset = completion_logprobs(tok, items, s.text_offset)
+    return out
+
+
+def _chunk_choice(s: ChoiceState, text: str, chat: bool, tok: Any) -> dict[str, Any]:
+    # the logprobs of every token not sent yet, including tokens whose text is still held back
+    start, s.logprobs_sent = s.logprobs_sent, len(s.logprobs or ())
+    lps = _logprobs(s, chat, tok, start) if s.logprobs_sent > start else None
+    if chat:
+        return {"index": s.index, "delta": {"content": text} if text else {}, "logprobs": lps,
                 "finish_reason": s.finish_reason}
-    return {"index": s.index, "text": text, "logprobs": None, "finish_reason": s.finish_reason,
+    return {"index": s.index, "text": text, "logprobs": lps, "finish_reason": s.finish_reason,
             "stop_reason": s.stop_reason}
 
 
-def _final_choice(s: ChoiceState, obj: str) -> dict[str, Any]:
+def _final_choice(s: ChoiceState, obj: str, tok: Any) -> dict[str, Any]:
     text = "".join(s.text)
     if obj == "chat.completion":
-        return {"index": s.index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
-    return {"index": s.index, "text": text, "logprobs": None, "finish_reason": s.finish_reason,
-            "stop_reason": s.stop_reason}
+        return {"index": s.index, "message": {"role": "assistant", "content": text},
+                "logprobs": _logprobs(s, True, tok, 0), "finish_reason": s.finish_reason,
+                "stop_reason": s.stop_reason}
+    return {"index": s.index, "text": text, "logprobs": _logprobs(s, False, tok, 0),
+            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
 
 
 def _bad_request(exc: ValueError, prompt_field: str = "prompt") -> APIError:

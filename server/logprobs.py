@@ -1,0 +1,49 @@
+"""OpenAI `logprobs` objects from the engine's per-token `Logprob`s.
+
+Completions (legacy shape): `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, where each
+`top_logprobs` entry maps the top-N token strings and the sampled one to their logprobs (so up to N + 1 keys, as
+OpenAI documents). Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...N]}]}`. A token's string
+is its own decode, special tokens spelled out (`</s>`) though the text skips them; `text_offset` counts only
+the characters the text shows. Without a tokenizer a token is `token_id:ID` (vLLM's spelling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.sequence import Logprob
+
+TokenLogprob = tuple[int, Logprob]  # (emitted token id, its Logprob)
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return f"token_id:{token_id}" if tokenizer is None else tokenizer.decode([token_id])
+
+
+def _visible_len(tokenizer: Any, token_id: int) -> int:
+    return 0 if tokenizer is None else len(tokenizer.decode([token_id], skip_special_tokens=True))
+
+
+def completion_logprobs(tokenizer: Any, items: list[TokenLogprob], offset: int) -> tuple[dict[str, list[Any]], int]:
+    """The completions object for `items`, text offsets counted from `offset` (characters before them), and the
+    offset after them."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, lp in items:
+        text = token_text(tokenizer, tid)
+        top = {token_text(tokenizer, t): v for t, v in lp.top}
+        top.setdefault(text, lp.logprob)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += _visible_len(tokenizer, tid)
+    return out, offset
+
+
+def chat_logprobs(tokenizer: Any, items: list[TokenLogprob]) -> dict[str, list[dict[str, Any]]]:
+    def entry(tid: int, value: float) -> dict[str, Any]:
+        text = token_text(tokenizer, tid)
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    return {"content": [dict(entry(tid, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+                        for tid, lp in items]}

@@ -1,0 +1,59 @@
+"""logprobs over the API in every mode: one entry per generated token, streamed or not, in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server.helpers import sse_json
+
+MODES = ("ar", "diffusion", "self_spec")
+BODY = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completions_logprobs_cover_every_token_and_stream_the_same(server: str, mode: str) -> None:
+    body = {**BODY, "mode": mode, "logprobs": 2, "echo": True}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    choice, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    n = r["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    # the char tokenizer: one character per token, so the tokens spell the text after the echoed prompt, but for
+    # EOS (ignore_eos), which the text skips and the logprobs spell out
+    shown = [t for t in lp["tokens"] if t != "</s>"]
+    assert choice["text"] == BODY["prompt"] + "".join(shown)
+    offsets = [len(BODY["prompt"]) + sum(t != "</s>" for t in lp["tokens"][:i]) for i in range(n)]
+    assert lp["text_offset"] == offsets
+    for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert tok in top and 2 <= len(top) <= 3 and value <= 0
+        assert value == max(top.values())  # greedy: every mode emits the top token of the row it chose from
+    chunks = sse_json(httpx.post(f"{server}/v1/completions", json={**body, "stream": True}, timeout=60).content)
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for part in streamed for x in part[key]] == lp[key]
+
+
+def test_chat_logprobs_with_top_alternatives(server: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 3, "n": 2, "seed": 1, "mode": "self_spec"}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert r["usage"]["completion_tokens"] == 16
+    for choice in r["choices"]:
+        content = choice["logprobs"]["content"]
+        assert "".join(e["token"] for e in content if e["token"] != "</s>") == choice["message"]["content"]
+        for e in content:
+            assert e["bytes"] == list(e["token"].encode()) and len(e["top_logprobs"]) == 3
+            assert e["top_logprobs"][0]["token"] == e["token"] and e["top_logprobs"][0]["logprob"] == e["logprob"]
+    chunks = sse_json(httpx.post(f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=60).content)
+    for i, choice in enumerate(r["choices"]):
+        streamed = [e for c in chunks for ch in c["choices"] if ch["index"] == i and ch["logprobs"]
+                    for e in ch["logprobs"]["content"]]
+        assert streamed == choice["logprobs"]["content"]
+
+
+def test_no_logprobs_unless_asked(server: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", json=BODY, timeout=60).json()
+    assert r["choices"][0]["logprobs"] is None
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 4, "logprobs": False}, timeout=60).json()
+    assert r["choices"][0]["logprobs"] is None
