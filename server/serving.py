@@ -198,6 +198,8 @@ class Serving:
         stop = self._check_common(req)
         if req.suffix is not None:
             raise APIError(400, "suffix is not currently supported", "suffix")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported: prompt logprobs are not computed", "echo")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
