@@ -52,7 +52,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: int, mask_i
     chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
     if num_top == 0:
         return [Logprob(lp, ()) for lp in chosen]
-    top = torch.topk(logp, num_top, dim=-1)
+    top = torch.topk(logp, min(num_top, logp.shape[-1]), dim=-1)
     return [Logprob(lp, tuple(zip(ids, vals))) for lp, ids, vals in zip(chosen, top.indices.tolist(),
                                                                          top.values.tolist())]
 
