@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome, chosen
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
-from engine.sampling import sample
+from engine.sampling import sample, token_logprobs
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import RequestOutput, SamplingParams, Sequence, StepStats
 from engine.tokenizer import load_tokenizer
@@ -154,6 +154,13 @@ class Engine:
         return outputs
 
     def _consume_prefill(self, seq: Sequence, req, rows: torch.Tensor) -> Outcome:
+        if req.all_logits:  # prompt logprobs: row i predicts the prompt token after query position i
+            start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
+            targets = [p for p in range(start + 1, start + len(req.token_ids) + 1) if p < seq.num_prompt_tokens]
+            if targets:
+                lps = token_logprobs(rows[[p - start - 1 for p in targets]], [seq.token_ids[p] for p in targets],
+                                     k or 0, self.mask_token_id)
+                seq.prompt_lps.update(zip(targets, lps))
         done = seq.num_computed_tokens + len(req.token_ids) == seq.prefill_target
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
@@ -175,6 +182,7 @@ class Engine:
             seq.num_computed_tokens += outcome.num_kv_kept
             self.runner.blocks.crop(seq, seq.num_computed_tokens)
         emitted: list[int] = []
+        first_output = seq.num_output_tokens == 0
         for tok in outcome.new_token_ids:
             assert tok != self.mask_token_id, "the mask id must never be emitted"
             seq.token_ids.append(tok)
@@ -193,8 +201,13 @@ class Engine:
             return None
         assert seq.params.mode is not None
         lps = None if outcome.logprobs is None else outcome.logprobs[:len(emitted)]
+        prompt_lps = None
+        if first_output and emitted and seq.params.prompt_logprobs is not None:
+            prompt_lps = [None] + [seq.prompt_lps[p] for p in range(1, seq.num_prompt_tokens)]
+            seq.prompt_lps = {}
         return RequestOutput(seq.request_id, emitted, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode, lps)
+                             seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode, lps,
+                             prompt_lps)
 
     # ---- introspection --------------------------------------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ class CompletionOutput:
     num_forwards: int  # every forward the request took part in, prefill included
     num_decode_forwards: int  # forwards after prefill
     logprobs: list[Logprob] | None = field(default=None)  # one per output token when params.logprobs is set
+    prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token (the first None), when asked for
 
     @property
     def tokens_per_forward(self) -> float:
@@ -56,11 +57,14 @@ class LLM:
         done: dict[str, CompletionOutput] = {}
         outs: dict[str, list[int]] = {r: [] for r in rids}
         lps: dict[str, list[Logprob]] = {}
+        prompt_lps: dict[str, list[Logprob | None]] = {}
         while len(done) < len(rids):
             for o in self.engine.step():
                 outs[o.request_id] += o.new_token_ids
                 if o.logprobs is not None:
                     lps.setdefault(o.request_id, []).extend(o.logprobs)
+                if o.prompt_logprobs is not None:
+                    prompt_lps[o.request_id] = o.prompt_logprobs
                 if o.finished:
                     text = self.tokenizer.decode(outs[o.request_id], skip_special_tokens=True) \
                         if self.tokenizer is not None else ""
@@ -68,5 +72,5 @@ class LLM:
                         ids[rids.index(o.request_id)], outs[o.request_id], text, o.finish_reason or "",
                         o.stop_reason, o.mode, o.num_forwards, o.num_decode_forwards,
                         lps.get(o.request_id, []) if params_list[rids.index(o.request_id)].logprobs is not None
-                        else None)
+                        else None, prompt_lps.get(o.request_id))
         return [done[r] for r in rids]

@@ -19,7 +19,7 @@ its K/V recomputed later from its tokens), as vLLM's RECOMPUTE.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.decoding import DECODERS, DecodeEnv, ForwardKind, ForwardRequest
 from engine.kv_cache import BlockManager
@@ -78,7 +78,9 @@ class Scheduler:
     def _next_forward(self, seq: Sequence) -> ForwardRequest:
         if seq.is_prefilling:
             tokens = seq.token_ids[seq.num_computed_tokens: seq.prefill_target]
-            return ForwardRequest("prefill", ForwardKind.CAUSAL, tokens)
+            # prompt logprobs need every row's logits, until the first output token has carried them out
+            rows = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+            return ForwardRequest("prefill", ForwardKind.CAUSAL, tokens, all_logits=rows)
         return DECODERS[seq.params.mode].next_forward(seq, self.env)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -127,7 +129,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if req.name == "prefill" and len(req.token_ids) > budget:
-                req = ForwardRequest("prefill", ForwardKind.CAUSAL, req.token_ids[:budget])
+                req = replace(req, token_ids=req.token_ids[:budget])
             elif len(req.token_ids) > budget and chosen:
                 continue
             chosen.append((seq, req))

@@ -32,6 +32,7 @@ class SamplingParams:
     block_length: int | None = None  # diffusion / self_spec block length L; None = engine default
     threshold: float | None = None  # diffusion: commit confidence in (0, 1]; self_spec: None = one-shot draft
     logprobs: int | None = None  # per emitted token: its logprob and the top-N alternatives (0..20); None = off
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (0..20); None = off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -56,8 +57,10 @@ class SamplingParams:
             raise ValueError(f"steps must be <= block_length ({self.block_length}), got {self.steps}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class Sequence:
     last_scheduled: int = -1  # engine step it last ran in (groups take turns by age)
     generator: Any = None  # torch.Generator for sampling (seeded per request, or from the engine's RNG)
     sample_after_prefill: bool = True  # the prefill's last logit gives the next token (False after preemption)
+    prompt_lps: dict[int, Any] = field(default_factory=dict)  # prompt position -> Logprob, until the first output
 
     @property
     def num_output_tokens(self) -> int:
@@ -132,6 +136,7 @@ class RequestOutput:
     num_decode_forwards: int
     mode: str
     logprobs: list[Logprob] | None = None  # one per new token when the request asked for logprobs
+    prompt_logprobs: list[Logprob | None] | None = None  # with the first output: one per prompt token (first: None)
 
     @property
     def finished(self) -> bool:

@@ -205,6 +205,7 @@ def test_seeded_sampling_is_reproducible(tiny_llm, mode):
     ("temperature", {"temperature": -1.0}),
     ("logprobs", {"logprobs": 21}),
     ("logprobs", {"logprobs": -1}),
+    ("prompt_logprobs", {"prompt_logprobs": 21}),
 ])
 def test_bad_knobs_raise_value_error_naming_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
@@ -243,6 +244,28 @@ def test_ar_logprobs_equal_full_recompute_and_self_spec_reports_the_same(tiny_ll
         assert s.token_ids == a.token_ids and all(lp.top == () for lp in s.logprobs)
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in s.logprobs]),
                                    torch.tensor([lp.logprob for lp in a.logprobs]), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_logprobs_equal_full_recompute_across_prefill_chunks(tiny_ckpt, mode):
+    from engine.llm import LLM
+    from tests.reference import _logits
+
+    llm = LLM(model=str(tiny_ckpt), num_kv_tokens=4096, max_num_batched_tokens=16)  # 40-token prompts: 3 chunks
+    prompts = [[5 + (7 * i + j) % 80 for j in range(40)] for i in range(3)] + ragged_prompts(2, seed=23)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, mode=mode, ignore_eos=True, prompt_logprobs=2))
+    model = llm.engine.runner.model
+    for prompt, o in zip(prompts, outs):
+        assert len(o.prompt_logprobs) == len(prompt) and o.prompt_logprobs[0] is None and o.logprobs is None
+        if len(prompt) == 1:
+            continue
+        logits = _logits(model, prompt, len(prompt))
+        logits[:, MASK_ID] = float("-inf")
+        want = logits.log_softmax(-1)[:-1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+        got = torch.tensor([lp.logprob for lp in o.prompt_logprobs[1:]])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        assert all(len(lp.top) == 2 for lp in o.prompt_logprobs[1:])
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
 def test_disallowed_block_length_and_steps_past_default_block(tiny_llm):

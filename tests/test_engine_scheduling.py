@@ -40,6 +40,21 @@ def test_preemption_by_recompute_keeps_greedy_outputs(tiny_llm, tiny_ckpt):
     _drain(small)
 
 
+def test_preemption_keeps_prompt_logprobs(tiny_llm, tiny_ckpt):
+    prompts = _prompts(6, seed=15)
+    params = [SamplingParams(max_tokens=40, mode=MODES[i % 3], ignore_eos=True, prompt_logprobs=1,
+                             threshold=0.8 if i % 3 == 1 else None) for i in range(6)]
+    expected = tiny_llm.generate(prompts, params)
+    small = LLM(model=str(tiny_ckpt), num_kv_tokens=128, max_model_len=128)
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    for e, g in zip(expected, got):
+        assert g.token_ids == e.token_ids and len(g.prompt_logprobs) == len(e.prompt_logprobs)
+        for a, b in zip(e.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+            assert abs(a.logprob - b.logprob) < 2e-4 and a.top[0][0] == b.top[0][0]
+    _drain(small)
+
+
 def test_chunked_prefill_keeps_greedy_outputs(tiny_llm, tiny_ckpt):
     prompts = _prompts(4, seed=12)
     params = [_params(MODES[i % 3], 12) for i in range(4)]
