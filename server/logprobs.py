@@ -2,9 +2,10 @@
 
 Completions (legacy shape): `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, where each
 `top_logprobs` entry maps the top-N token strings and the sampled one to their logprobs (so up to N + 1 keys, as
-OpenAI documents). Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...N]}]}`. A token's string
-is its own decode, special tokens spelled out (`</s>`) though the text skips them; `text_offset` counts only
-the characters the text shows. Without a tokenizer a token is `token_id:ID` (vLLM's spelling).
+OpenAI documents); with `echo` the prompt's tokens come first, the very first with null logprobs. Chat:
+`{"content": [{"token", "logprob", "bytes", "top_logprobs": [...N]}]}`. A token's string is its own decode,
+special tokens spelled out (`</s>`) though the text skips them; `text_offset` counts only the characters the text
+shows. Without a tokenizer a token is `token_id:ID` (vLLM's spelling).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from engine.sequence import Logprob
 
-TokenLogprob = tuple[int, Logprob]  # (emitted token id, its Logprob)
+TokenLogprob = tuple[int, Logprob | None]  # (token id, its Logprob; None for a prompt's first token)
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -30,10 +31,12 @@ def completion_logprobs(tokenizer: Any, items: list[TokenLogprob], offset: int) 
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tid, lp in items:
         text = token_text(tokenizer, tid)
-        top = {token_text(tokenizer, t): v for t, v in lp.top}
-        top.setdefault(text, lp.logprob)
+        top = None
+        if lp is not None:
+            top = {token_text(tokenizer, t): v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)
         out["tokens"].append(text)
-        out["token_logprobs"].append(lp.logprob)
+        out["token_logprobs"].append(None if lp is None else lp.logprob)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += _visible_len(tokenizer, tid)

@@ -93,6 +93,8 @@ class ChoiceState:
     num_output_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # every token's, when the request asked for logprobs
     logprobs_sent: int = 0  # streaming: how many of them went out already
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
 
     def consume(self, out: RequestOutput, gen: Generation) -> str:
@@ -100,6 +102,8 @@ class ChoiceState:
         self.num_output_tokens = out.num_output_tokens
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(zip(out.new_token_ids, out.logprobs))
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = list(zip(self.prompt_ids, out.prompt_logprobs))
         final = out.finish_reason is not None
         delta = self.detok.add(out.new_token_ids) if self.detok is not None else ""
         if final and self.detok is not None:
@@ -154,7 +158,7 @@ class Serving:
         return stop
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                logprobs: int | None = None) -> SamplingParams:
+                logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else 16,
@@ -164,7 +168,7 @@ class Serving:
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
-                logprobs=logprobs)
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             return self.aeng.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
@@ -198,12 +202,10 @@ class Serving:
         stop = self._check_common(req)
         if req.suffix is not None:
             raise APIError(400, "suffix is not currently supported", "suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported: prompt logprobs are not computed", "echo")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
-        base = self._params(req, req.max_tokens, req.logprobs)
+        base = self._params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
         tok = self.aeng.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
@@ -293,7 +295,8 @@ class Serving:
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
         tok = self.aeng.tokenizer
         detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
-        return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo))
+        return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo),
+                           prompt_ids=ids)
 
     # ---- running ------------------------------------------------------------------------------------------
     async def _respond(self, id_prefix: str, obj: str, req: CompletionRequest | ChatCompletionRequest,
@@ -416,6 +419,10 @@ def _logprobs(s: ChoiceState, chat: bool, tok: Any, start: int) -> dict[str, Any
     if chat:
         return chat_logprobs(tok, items)
     out, s.text_offset = completion_logprobs(tok, items, s.text_offset)
+    if s.prompt_logprobs is not None:  # echo: the prompt's entries lead, with the first chunk that has any
+        head, _ = completion_logprobs(tok, s.prompt_logprobs, 0)
+        out = {key: head[key] + out[key] for key in out}
+        s.prompt_logprobs = None
     return out
 
 

@@ -32,6 +32,29 @@ def test_completions_logprobs_cover_every_token_and_stream_the_same(server: str,
         assert [x for part in streamed for x in part[key]] == lp[key]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_echo_with_logprobs_scores_the_prompt_first(server: str, mode: str) -> None:
+    body = {**BODY, "mode": mode, "logprobs": 1, "echo": True, "max_tokens": 6}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    lp, usage = r["choices"][0]["logprobs"], r["usage"]
+    n_prompt = usage["prompt_tokens"]
+    assert len(lp["tokens"]) == n_prompt + usage["completion_tokens"]
+    assert "".join(lp["tokens"][:n_prompt]) == BODY["prompt"] and r["choices"][0]["text"].startswith(BODY["prompt"])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:]) and all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][:n_prompt + 1] == list(range(n_prompt + 1))  # one character per prompt token
+    # the completion part is what the same request without echo reports (to float noise: the LM head then runs
+    # over every prompt row, a GEMM of another shape)
+    plain = httpx.post(f"{server}/v1/completions", json={**body, "echo": False}, timeout=60).json()
+    assert lp["tokens"][n_prompt:] == plain["choices"][0]["logprobs"]["tokens"]
+    assert lp["token_logprobs"][n_prompt:] == pytest.approx(plain["choices"][0]["logprobs"]["token_logprobs"],
+                                                            abs=1e-5)
+    chunks = sse_json(httpx.post(f"{server}/v1/completions", json={**body, "stream": True}, timeout=60).content)
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for part in streamed for x in part[key]] == lp[key]
+
+
 def test_chat_logprobs_with_top_alternatives(server: str) -> None:
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "logprobs": True, "top_logprobs": 3, "n": 2, "seed": 1, "mode": "self_spec"}
