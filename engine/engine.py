@@ -66,25 +66,20 @@ class Engine:
         pool_tokens = self.runner.blocks.num_blocks * self.runner.block_size
         limit = config.max_model_len or info.config.max_position_embeddings
         self.max_model_len = min(limit, pool_tokens)
-        self.default_block_length = config.default_block_length or info.config.block_size
         self.policy = RequestPolicy(
             self.model_name, self.is_trimode, info.config.vocab_size, self.max_model_len, config.default_mode,
-            self.default_block_length, tuple(sorted({*config.allowed_block_lengths, info.config.block_size})),
-            config.default_threshold)
+            config.default_block_length or info.config.block_size,
+            tuple(sorted({*config.allowed_block_lengths, info.config.block_size})), config.default_threshold)
         # denoising uses the draft LoRA when the config says so, else when the checkpoint says it was trained for it
         denoise_lora = info.config.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora
         self.env = DecodeEnv(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
                              diffusion_lora=info.has_draft_lora and denoise_lora)
         self.scheduler = Scheduler(self.runner.blocks, self.env, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self.last_stats = StepStats()
+        self.last_stats = StepStats()  # a fresh object every step, never mutated afterwards: safe to hand over
         self._rng = torch.Generator().manual_seed(config.seed)
 
     # ---- request intake -------------------------------------------------------------------------------------
-    @property
-    def allowed_block_lengths(self) -> tuple[int, ...]:
-        return self.policy.allowed_block_lengths
-
     def resolve_params(self, params: SamplingParams) -> SamplingParams:
         """Fill the mode knobs' defaults and check them against this engine; ValueError names the field."""
         return self.policy.resolve_params(params)

@@ -296,29 +296,16 @@ def running(server: ServerProcess, timeout: float) -> Iterator[str]:
         server.stop()
 
 
+def _listen(port: int) -> list[str]:
+    """The flags both servers take alike: loopback, the port, quiet logs."""
+    return ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+
 def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "trimode",
                    dtype: str = "float32") -> ServerProcess:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "serve",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--shutdown-timeout",
-        "5",
-        "--engine.device",
-        "cpu",
-        "--engine.dtype",
-        dtype,
-    ]
+    cmd = [sys.executable, "-m", "server", "serve", "--model", model, *_listen(port), "--shutdown-timeout", "5",
+           "--engine.device", "cpu", "--engine.dtype", dtype]
     if threads:
         cmd += ["--engine.num_threads", str(threads)]
     return ServerProcess(name, cmd, port, log_dir / f"{name}.log", thread_env(threads))
@@ -328,22 +315,7 @@ def transformers_server(model_dir: str, log_dir: Path, threads: int | None, exe:
                         dtype: str = "float32") -> ServerProcess:
     port = free_port()
     exe = exe or shutil.which("transformers") or "transformers"
-    cmd = [
-        exe,
-        "serve",
-        "--continuous-batching",
-        "--dtype",
-        dtype,
-        "--device",
-        "cpu",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        model_dir,
-    ]
+    cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--device", "cpu", *_listen(port), model_dir]
     return ServerProcess(
         "transformers-serve", cmd, port, log_dir / "transformers-serve.log", thread_env(threads), ready_path="/health"
     )

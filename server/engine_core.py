@@ -18,7 +18,6 @@ event loop). The asyncio side (`server.async_engine`) only ever sees `Core`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -120,8 +119,7 @@ def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
                     engine.abort_request(request_id)
                 emit("fail_requests", list(failed), str(exc), _snapshot(engine))
                 continue
-            # the stats object is the engine's; a copy, because the thread transport hands it over by reference
-            emit("outputs", outputs, copy.deepcopy(engine.last_stats), time.monotonic() - t0, _snapshot(engine))
+            emit("outputs", outputs, engine.last_stats, time.monotonic() - t0, _snapshot(engine))
     except Exception as exc:
         log.exception("engine loop died")
         emit("dead", type(exc).__name__)

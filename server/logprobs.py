@@ -21,14 +21,11 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     return f"token_id:{token_id}" if tokenizer is None else tokenizer.decode([token_id])
 
 
-def _visible_len(tokenizer: Any, token_id: int) -> int:
-    return 0 if tokenizer is None else len(tokenizer.decode([token_id], skip_special_tokens=True))
-
-
 def completion_logprobs(tokenizer: Any, items: list[TokenLogprob], offset: int) -> tuple[dict[str, list[Any]], int]:
     """The completions object for `items`, text offsets counted from `offset` (characters before them), and the
     offset after them."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    hidden = set(tokenizer.all_special_ids) if tokenizer is not None else set()  # spelled out, not in the text
     for tid, lp in items:
         text = token_text(tokenizer, tid)
         top = None
@@ -39,7 +36,7 @@ def completion_logprobs(tokenizer: Any, items: list[TokenLogprob], offset: int) 
         out["token_logprobs"].append(None if lp is None else lp.logprob)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
-        offset += _visible_len(tokenizer, tid)
+        offset += 0 if tokenizer is None or tid in hidden else len(text)
     return out, offset
 
 
