@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_linear import PackableLinear
 from engine.model_config import ModelConfig, RopeConfig
 
 
@@ -79,11 +80,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(PackableLinear):
     """`o_proj` with an optional draft-only LoRA (`y = W x + scale * B(A x)`), applied when the context asks."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__(in_features, out_features)
         self.lora_A: nn.Parameter | None = None  # [r, in]
         self.lora_B: nn.Parameter | None = None  # [out, r]
         self.lora_scale = 0.0
@@ -94,7 +95,7 @@ class LoRALinear(nn.Linear):
         self.lora_scale = scale
 
     def forward_lora(self, x: torch.Tensor, use_lora: bool) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = super().forward(x)
         if use_lora and self.lora_A is not None:
             y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
@@ -107,9 +108,9 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim  # NOTE: never hidden / heads: 3B and 14B differ
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.q_proj = PackableLinear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = LoRALinear(self.num_heads * self.head_dim, cfg.hidden_size)
 
     def forward(
@@ -142,9 +143,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = PackableLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -180,7 +181,7 @@ class TriModeModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.diffusion_head = PackableLinear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.diffusion_head.weight = self.encoder.embed_tokens.weight
         inv_freq, attn_factor = rope_inv_freq(cfg.rope, cfg.head_dim)

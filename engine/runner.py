@@ -12,6 +12,7 @@ import torch
 
 from engine.attention import DenseContext, KVCache, PagedContext, flash_available
 from engine.config import EngineConfig
+from engine.cpu_linear import pack_linear_weights
 from engine.decoding import ForwardKind
 from engine.kv_cache import BlockManager
 from engine.loader import load_model
@@ -36,19 +37,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _transpose_linear_storage(model: torch.nn.Module) -> None:
-    """Store every linear weight [out, in] column-major, i.e. as a contiguous [in, out] W^T: same values and shape.
-
-    NOTE: on CPU, MKL's sgemm computes x @ W^T 1.2-2.5x faster from a contiguous W^T than from nn.Linear's
-    row-major W whenever M (tokens in the forward) is not a multiple of 16: ragged decode batches, prefills,
-    diffusion blocks (about 1.5x at M = 16 too, measured). Results differ from the row-major layout only by
-    summation order (~1e-6 relative), often not at all. A tied LM head shares this storage with the embedding.
-    """
-    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    for w in weights.values():
-        w.data = w.data.t().contiguous().t()
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.device = pick_device(config.device)
@@ -56,8 +44,9 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)  # process-wide: the engine owns the process's compute
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model, self.info = load_model(model_path, self.dtype, self.device)
+        self.linear_kernel = "cuda"
         if self.device.type == "cpu":
-            _transpose_linear_storage(self.model)
+            self.linear_kernel = pack_linear_weights(self.model, self.dtype)
         cfg = self.info.config
         self.block_size = config.kv_block_size
         num_blocks = self._num_kv_blocks(config)
@@ -65,8 +54,9 @@ class ModelRunner:
                                       cfg.head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, self.block_size)
         self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s)", num_blocks, self.block_size,
-                 num_blocks * self.block_size, self.device, self.dtype, "flash-attn" if self.use_flash else "sdpa")
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s, linear=%s)", num_blocks,
+                 self.block_size, num_blocks * self.block_size, self.device, self.dtype,
+                 "flash-attn" if self.use_flash else "sdpa", self.linear_kernel)
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
         if self.device.type != "cuda":

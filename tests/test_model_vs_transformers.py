@@ -3,7 +3,10 @@
 import torch
 from transformers import Ministral3Config, Ministral3ForCausalLM
 
+import pytest
+
 from engine.attention import DenseContext
+from engine.cpu_linear import pack_linear_weights
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from tests.checkpoints import nld_raw_config, write_nld_checkpoint
@@ -21,10 +24,14 @@ def _hf_twin(raw: dict, model) -> Ministral3ForCausalLM:
     return hf.eval()
 
 
-def test_yarn_and_query_scale_logits_equal_transformers(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_yarn_and_query_scale_logits_equal_transformers(tmp_path, packed):
+    """Also with the serving runner's CPU weights (oneDNN-packed, the row-major copies dropped)."""
     raw = nld_raw_config()
     model, _ = load_model(write_nld_checkpoint(tmp_path / "ckpt"))
     hf = _hf_twin(raw, model)
+    if packed:
+        assert pack_linear_weights(model, torch.float32) == "onednn-packed"
     # 80 tokens: positions run past original_max_position_embeddings (32) and 64, so the Llama-4 scale is > 1
     ids = torch.randint(4, raw["vocab_size"], (80,))
     with torch.no_grad():
