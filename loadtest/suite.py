@@ -420,6 +420,18 @@ def summarize(result: dict[str, Any], mode: str | None = None) -> dict[str, Any]
     return out
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median output throughput (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["output_throughput"])[(len(runs) - 1) // 2]
+
+
+def fold_rounds(result: dict[str, Any]) -> None:
+    """Part 3: per side and level, the table row is the median of the rounds kept under ``raw``."""
+    for side in ("trimode", "baseline"):
+        for c, runs in result["raw"][side].items():
+            result[side][c] = summarize(median_run(runs))
+
+
 def median(values: list[float]) -> float:
     data = sorted(values)
     mid = len(data) // 2
@@ -456,6 +468,7 @@ class Settings:
     hf_concurrencies: list[int]
     hf_input_len: int
     hf_output_len: int
+    hf_rounds: int = 1
     knobs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     startup_timeout: float = 600.0
@@ -777,44 +790,55 @@ def part_transformers(s: Settings, smol: Path, dataset: Path, rows: list[dict[st
         "raw": {"trimode": {}, "baseline": {}},
     }
 
-    def sweep(side: str, url: str, mode: str | None, ignore_eos: bool, extra: dict[str, Any] | None) -> None:
+    def sweep(side: str, url: str, mode: str | None, ignore_eos: bool, extra: dict[str, Any] | None,
+              rnd: int) -> None:
         bench(url, dataset, 2, 2, 4, mode=mode, ignore_eos=ignore_eos, extra_body=extra)  # warm-up
         for c in levels:
             n = prompts_for(c, s.per_slot, s.min_prompts)
             res = bench(
                 url, dataset, n, c, s.hf_output_len, mode=mode, ignore_eos=ignore_eos, extra_body=extra, seed=s.seed
             )
-            result[side][str(c)] = summarize(res)
-            result["raw"][side][str(c)] = res
+            result["raw"][side].setdefault(str(c), []).append(res)
             log(
-                f"transformers part: {side} c={c}: {res['output_throughput']:.1f} tok/s, TTFT "
-                f"{res['mean_ttft_ms']:.0f} ms, {res['completed']}/{n} ok"
+                f"transformers part: round {rnd + 1}/{s.hf_rounds}: {side} c={c}: {res['output_throughput']:.1f} "
+                f"tok/s, TTFT {res['mean_ttft_ms']:.0f} ms, {res['completed']}/{n} ok"
             )
             if res["completed"] == 0:
                 raise RuntimeError(f"{side}: every request failed at concurrency {c}: {res['errors'][:3]}")
 
-    log("transformers part: trimode server on SmolLM2")
-    with running(trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2", s.dtype), s.startup_timeout) as url:
-        sweep("trimode", url, "ar", True, None)
-
     hf_dir, note = hf_ready_dir(smol, s.out_dir)
     result["hf_model_dir"], result["hf_model_dir_note"] = str(hf_dir), note
-    server = transformers_server(str(hf_dir), log_dir, s.threads, s.transformers_exe, s.dtype)
-    result["baseline_command"] = shlex.join(server.cmd)
     result["baseline_request_extra"] = {"generation_config": json.dumps(HF_GEN_CONFIG)}
-    try:
-        log("transformers part: transformers serve --continuous-batching")
+    result["rounds"] = s.hf_rounds
+    # Rounds alternate the two servers (one at a time, never side by side) so that drift in the other load on a
+    # shared machine hits both sides alike; a level's figure is its median round, and every round's pair is kept.
+    for rnd in range(s.hf_rounds):
+        log(f"transformers part: round {rnd + 1}/{s.hf_rounds}: trimode server on SmolLM2")
+        server = trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2", s.dtype)
         with running(server, s.startup_timeout) as url:
-            sweep("baseline", url, None, False, {"generation_config": json.dumps(HF_GEN_CONFIG)})
-        result["baseline_kind"] = "transformers serve --continuous-batching (OpenAI-compatible server)"
-        result["transformers_serve_error"] = None
-    except Exception as exc:  # the server would not start or serve: record why, measure offline generate instead
-        result["transformers_serve_error"] = f"{type(exc).__name__}: {exc}"
-        log(f"transformers serve failed, falling back to offline generate: {exc}")
-        result["baseline_kind"] = (
-            "FALLBACK: transformers batched generate, offline (no server; "
-            "transformers serve failed, see transformers_serve_error)"
-        )
+            sweep("trimode", url, "ar", True, None, rnd)
+        if result.get("transformers_serve_error"):
+            continue  # the baseline is the offline fallback, measured once below
+        server = transformers_server(str(hf_dir), log_dir, s.threads, s.transformers_exe, s.dtype)
+        result["baseline_command"] = shlex.join(server.cmd)
+        try:
+            log(f"transformers part: round {rnd + 1}/{s.hf_rounds}: transformers serve --continuous-batching")
+            with running(server, s.startup_timeout) as url:
+                sweep("baseline", url, None, False, {"generation_config": json.dumps(HF_GEN_CONFIG)}, rnd)
+            result["baseline_kind"] = "transformers serve --continuous-batching (OpenAI-compatible server)"
+            result["transformers_serve_error"] = None
+        except Exception as exc:  # the server would not start or serve: record why, measure offline generate instead
+            if rnd > 0:
+                raise  # it served in an earlier round: a later failure is a real error, not a missing feature
+            result["transformers_serve_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"transformers serve failed, falling back to offline generate: {exc}")
+            result["baseline_kind"] = (
+                "FALLBACK: transformers batched generate, offline (no server; "
+                "transformers serve failed, see transformers_serve_error)"
+            )
+            result["raw"]["baseline"] = {}
+    fold_rounds(result)
+    if result.get("transformers_serve_error"):
         result["baseline"] = hf_offline(hf_dir, rows, s)
     compare(result)
     return result
@@ -833,6 +857,13 @@ def compare(result: dict[str, Any]) -> None:
         str(c): tri[str(c)]["mean_ttft_ms"] / base[str(c)]["mean_ttft_ms"]
         for c in levels
         if base[str(c)].get("mean_ttft_ms")
+    }
+    raw = result.get("raw", {})
+    result["round_speedups"] = {
+        str(c): [t["output_throughput"] / b["output_throughput"]
+                 for t, b in zip(raw.get("trimode", {}).get(str(c), []), raw.get("baseline", {}).get(str(c), []))
+                 if b["output_throughput"]]
+        for c in levels
     }
     # same work on both sides: equal prompt and output token totals at every level (usage from each server)
     result["same_token_counts"] = {
@@ -957,6 +988,15 @@ def summary_markdown(res: dict[str, Any]) -> str:
                 f"{fmt(tf.get('speedup', {}).get(str(c)), 2)}x | {fmt(t.get('mean_ttft_ms'), 0)} | "
                 f"{fmt(b.get('mean_ttft_ms'), 0)} |"
             )
+        rounds = {c: v for c, v in (tf.get("round_speedups") or {}).items() if v}
+        if tf.get("rounds", 1) > 1 and rounds:
+            lines += [
+                "",
+                f"Each figure is the median of {tf['rounds']} rounds (trimode's sweep, then transformers', one server "
+                "at a time). Speed-up of each round's pair: "
+                + "; ".join(f"concurrency {c}: " + ", ".join(f"{x:.2f}x" for x in v) for c, v in rounds.items())
+                + ".",
+            ]
         same = tf.get("same_token_counts") or {}
         if same:
             lines += [
@@ -1017,6 +1057,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-concurrencies", type=parse_ints, help="part 3 levels (default 1,4,16; quick 1,4)")
     p.add_argument("--hf-input-len", type=int, help="part 3 prompt tokens (default 64; quick 16)")
     p.add_argument("--hf-output-len", type=int, help="part 3 output tokens (default 32; quick 8)")
+    p.add_argument("--hf-rounds", type=int, help="part 3 rounds, each trimode's sweep then transformers' "
+                   "(default 3; quick 1); per side and level the median round is reported")
     p.add_argument("--steps", type=int, help="diffusion steps sent with every request (default: server's)")
     p.add_argument("--block-length", type=int, help="block length sent with every request (default: server's)")
     p.add_argument("--threshold", type=float, help="threshold sent with every request (default: server's)")
@@ -1057,6 +1099,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         hf_concurrencies=pick(args.hf_concurrencies, [1, 4, 16], [1, 4]),
         hf_input_len=pick(args.hf_input_len, 64, 16),
         hf_output_len=pick(args.hf_output_len, 32, 8),
+        hf_rounds=pick(args.hf_rounds, 3, 1),
         knobs=knobs,
         seed=args.seed,
         startup_timeout=args.startup_timeout,

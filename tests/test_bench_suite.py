@@ -141,3 +141,31 @@ def test_crossover_rule() -> None:
     assert suite.crossover(table([1, 2, 3], [3, 4, 5])) is None
     assert "wins nowhere" in suite.crossover_note(1, [1, 2, 4])
     assert suite.crossover_note(None, [1, 2, 4]).startswith("no crossover")
+
+
+def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:
+    def run(tps: float, ttft: float) -> dict:
+        return {"output_throughput": tps, "mean_ttft_ms": ttft, "total_output_tokens": 96, "total_input_tokens": 64}
+
+    res = {
+        "concurrencies": [1, 16],
+        "rounds": 3,
+        "trimode": {},
+        "baseline": {},
+        "raw": {
+            "trimode": {"1": [run(10, 100), run(12, 90), run(11, 95)], "16": [run(90, 1), run(70, 1), run(80, 1)]},
+            "baseline": {"1": [run(10, 120), run(10, 110), run(9, 130)], "16": [run(40, 1), run(45, 1), run(30, 1)]},
+        },
+    }
+    suite.fold_rounds(res)
+    suite.compare(res)
+    assert res["trimode"]["16"]["output_throughput"] == 80 and res["baseline"]["16"]["output_throughput"] == 40
+    assert res["speedup"]["16"] == 2.0 and res["targets"]["throughput_met"]
+    assert res["trimode"]["1"]["mean_ttft_ms"] == 95 and res["baseline"]["1"]["mean_ttft_ms"] == 120
+    assert res["targets"]["ttft_met"] and res["same_token_counts"] == {"1": True, "16": True}
+    assert [round(x, 3) for x in res["round_speedups"]["16"]] == [2.25, 1.556, 2.667]  # round by round
+    md = suite.summary_markdown({
+        "command": "x", "started_at": "t0", "machine": suite.machine_info(1),
+        "transformers": {**res, "input_len": 64, "output_len": 32, "baseline_kind": "k"},
+    })
+    assert "median of 3 rounds" in md and "concurrency 16: 2.25x, 1.56x, 2.67x" in md
