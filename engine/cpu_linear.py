@@ -2,14 +2,15 @@
 
 On CPU a decode forward multiplies a handful of rows (one per running sequence) by every weight matrix, so its
 time is the time to stream the weights from DRAM. MKL's sgemm behind `F.linear` repacks B on every call and
-reaches about 4 GB/s on one core of the CI machine at M = 16, where a plain read of the same bytes runs at 9 GB/s.
+reaches 4-6 GB/s on one core of the CI machine at M = 16, where a plain read of the same bytes runs at 10 GB/s.
 oneDNN's prepacked layout (`mkldnn::_reorder_linear_weight`, the layout torch.compile's CPU backend freezes weights
-into) skips that repack: 5-7 GB/s at M = 16 and the same speed as MKL for prefill-sized M (measured per shape in
-docs/perf-offline.md "Packed weights"). Same weights, same dtype; only the summation order differs (~1e-6 rel).
+into) skips that repack, which pays off for the fp32 LM head and for every bf16 weight, not for fp32 decoder layers
+(per shape and M: `python -m engine.bench_linear`, docs/perf-offline.md "Packed weights"). Same weights, same
+dtype; only the summation order differs (~1e-6 relative in fp32).
 
-`pack_linear_weights(model)` gives every `PackableLinear` a packed copy and drops its row-major weight (the tied
-LM head's weight stays alive as the embedding). Builds without oneDNN, or dtypes it cannot pack, keep F.linear
-over a column-major weight (`transpose_linear_storage`), the layout MKL is fastest from.
+`prepare_cpu_linears(model, head, dtype)` picks per dtype which `PackableLinear`s get a packed copy (their row-major
+weight is then dropped; a tied LM head's tensor stays alive as the embedding) and stores the rest column-major,
+the layout MKL is fastest from. Builds without oneDNN, or dtypes it cannot pack, keep F.linear throughout.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackableLinear(nn.Linear):
-    """`nn.Linear` without bias that runs from a packed weight once `pack_linear_weights` gave it one."""
+    """`nn.Linear` without bias that runs from a packed weight once `prepare_cpu_linears` gave it one."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -74,15 +75,28 @@ def transpose_linear_storage(model: nn.Module) -> None:
         w.data = w.data.t().contiguous().t()
 
 
-@torch.no_grad()
-def pack_linear_weights(model: nn.Module, dtype: torch.dtype) -> str:
-    """Pack every `PackableLinear` of a CPU model for inference; returns the kernel path used ("onednn-packed" or
-    "mkl")."""
-    if not onednn_can_pack(dtype):
-        transpose_linear_storage(model)
-        return "mkl"
-    for m in model.modules():
+def _pack(modules: list[nn.Module]) -> None:
+    for m in modules:
         if isinstance(m, PackableLinear) and m.packed is None:
             m.packed = pack_weight(m.weight)
             m.weight = None  # the packed copy replaces it (a tied head's tensor lives on in the embedding)
+
+
+@torch.no_grad()
+def prepare_cpu_linears(model: nn.Module, head: nn.Module, dtype: torch.dtype) -> str:
+    """Lay out a CPU model's linear weights for inference; returns the kernel plan (for the startup log).
+
+    fp32: the decoder layers stay on MKL over column-major weights, which measured as fast as or faster than the
+    packed layout at M = 1, 16 and 64 on every layer shape; the LM head (the largest matrix, read by every decode
+    step) is packed: 1.6x faster at M = 16, equal at M = 1. bf16 / fp16: every linear is packed (1.1-1.4x over
+    F.linear at M = 1-64, `python -m engine.bench_linear --dtype bfloat16`).
+    """
+    if not onednn_can_pack(dtype):
+        transpose_linear_storage(model)
+        return "mkl"
+    if dtype == torch.float32:
+        _pack([head])
+        transpose_linear_storage(model)
+        return "mkl (layers) + onednn-packed (head)"
+    _pack(list(model.modules()))
     return "onednn-packed"

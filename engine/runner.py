@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import DenseContext, KVCache, PagedContext, flash_available
 from engine.config import EngineConfig
-from engine.cpu_linear import pack_linear_weights
+from engine.cpu_linear import prepare_cpu_linears
 from engine.decoding import ForwardKind
 from engine.kv_cache import BlockManager
 from engine.loader import load_model
@@ -46,7 +46,7 @@ class ModelRunner:
         self.model, self.info = load_model(model_path, self.dtype, self.device)
         self.linear_kernel = "cuda"
         if self.device.type == "cpu":
-            self.linear_kernel = pack_linear_weights(self.model, self.dtype)
+            self.linear_kernel = prepare_cpu_linears(self.model, self.model.diffusion_head, self.dtype)
         cfg = self.info.config
         self.block_size = config.kv_block_size
         num_blocks = self._num_kv_blocks(config)

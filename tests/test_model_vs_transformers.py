@@ -1,12 +1,11 @@
 """trimode's model equals transformers' own Ministral3ForCausalLM on the same weights (YaRN, Llama-4 scale)."""
 
+import pytest
 import torch
 from transformers import Ministral3Config, Ministral3ForCausalLM
 
-import pytest
-
 from engine.attention import DenseContext
-from engine.cpu_linear import pack_linear_weights
+from engine.cpu_linear import prepare_cpu_linears
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from tests.checkpoints import nld_raw_config, write_nld_checkpoint
@@ -26,12 +25,13 @@ def _hf_twin(raw: dict, model) -> Ministral3ForCausalLM:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 def test_yarn_and_query_scale_logits_equal_transformers(tmp_path, packed):
-    """Also with the serving runner's CPU weights (oneDNN-packed, the row-major copies dropped)."""
+    """Also with the serving runner's CPU layout (column-major layers, the LM head oneDNN-packed)."""
     raw = nld_raw_config()
     model, _ = load_model(write_nld_checkpoint(tmp_path / "ckpt"))
     hf = _hf_twin(raw, model)
     if packed:
-        assert pack_linear_weights(model, torch.float32) == "onednn-packed"
+        assert prepare_cpu_linears(model, model.diffusion_head, torch.float32).endswith("onednn-packed (head)")
+        assert model.diffusion_head.weight is None and model.diffusion_head.packed is not None
     # 80 tokens: positions run past original_max_position_embeddings (32) and 64, so the Llama-4 scale is > 1
     ids = torch.randint(4, raw["vocab_size"], (80,))
     with torch.no_grad():
