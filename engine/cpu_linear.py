@@ -15,13 +15,9 @@ the layout MKL is fastest from. Builds without oneDNN, or dtypes it cannot pack,
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("trimode.engine")
 
 # The batch size oneDNN picks the packed layout for. 16 was the fastest of 1 / 16 / 64 / none at M = 1, 16 and
 # 1024 on the CI machine (SmolLM2 shapes), so one layout serves decode and prefill alike.
