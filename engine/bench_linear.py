@@ -57,21 +57,17 @@ def main(argv: list[str] | None = None) -> None:
             weights = [rows[i].repeat(1, 8).contiguous() for i in range(copies)]
             del rows
             stream = _cold(lambda w: w.sum(), weights, args.repeats)
+            cols = [w.t().contiguous().t() for w in weights]
+            packed = [pack_weight(w) for w in weights] if packable else []
             for m in (int(x) for x in args.rows.split(",")):
                 x = torch.randn(m, in_f).to(dtype)
-                cells = [_cold(lambda w, x=x: F.linear(x, w), weights, args.repeats)]
-                cols = [w.t().contiguous().t() for w in weights]
-                cells.append(_cold(lambda w, x=x: F.linear(x, w), cols, args.repeats))
-                del cols
-                if packable:
-                    packed = [pack_weight(w) for w in weights]
-                    cells.append(_cold(lambda w, x=x: packed_linear(x, w), packed, args.repeats))
-                    del packed
-                else:
-                    cells.append(float("nan"))
+                cells = [_cold(lambda w, x=x: F.linear(x, w), weights, args.repeats),
+                         _cold(lambda w, x=x: F.linear(x, w), cols, args.repeats),
+                         _cold(lambda w, x=x: packed_linear(x, w), packed, args.repeats) if packable else float("nan")]
                 shown = [f"{s * 1e6:.0f} us, {nbytes / s / 1e9:.1f} GB/s" for s in cells]
                 print(f"| {name} {out_f}x{in_f} | {m} | {' | '.join(shown)} | "
                       f"{stream * 1e6:.0f} us, {nbytes / stream / 1e9:.1f} GB/s |", flush=True)
+            del weights, cols, packed
 
 
 if __name__ == "__main__":

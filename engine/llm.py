@@ -52,6 +52,7 @@ class LLM:
             else:
                 ids.append(list(p))
         rids = [f"offline-{next(self._ids)}" for _ in ids]
+        index = {r: i for i, r in enumerate(rids)}
         for rid, prompt, sp in zip(rids, ids, params_list):
             self.engine.add_request(rid, prompt, sp)
         done: dict[str, CompletionOutput] = {}
@@ -66,11 +67,12 @@ class LLM:
                 if o.prompt_logprobs is not None:
                     prompt_lps[o.request_id] = o.prompt_logprobs
                 if o.finished:
+                    i = index[o.request_id]
                     text = self.tokenizer.decode(outs[o.request_id], skip_special_tokens=True) \
                         if self.tokenizer is not None else ""
                     done[o.request_id] = CompletionOutput(
-                        ids[rids.index(o.request_id)], outs[o.request_id], text, o.finish_reason or "",
-                        o.stop_reason, o.mode, o.num_forwards, o.num_decode_forwards,
-                        lps.get(o.request_id, []) if params_list[rids.index(o.request_id)].logprobs is not None
-                        else None, prompt_lps.get(o.request_id))
+                        ids[i], outs[o.request_id], text, o.finish_reason or "", o.stop_reason, o.mode,
+                        o.num_forwards, o.num_decode_forwards,
+                        lps.get(o.request_id, []) if params_list[i].logprobs is not None else None,
+                        prompt_lps.get(o.request_id))
         return [done[r] for r in rids]

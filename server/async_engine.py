@@ -303,18 +303,19 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 self._finish_track(gen, track, out.finish_reason)
 
-    def _fail_request(self, request_id: str, message: str) -> None:
-        """An Add the engine refused (its ValueError's text): the request gets a 400."""
+    def _push_error(self, request_id: str, exc: BaseException) -> None:
         entry = self._tracks.get(request_id)
         if entry is not None:
-            entry[0].queue.put_nowait((entry[1], ValueError(message)))
+            entry[0].queue.put_nowait((entry[1], exc))
+
+    def _fail_request(self, request_id: str, message: str) -> None:
+        """An Add the engine refused (its ValueError's text): the request gets a 400."""
+        self._push_error(request_id, ValueError(message))
 
     def _fail_requests(self, request_ids: list[str], message: str, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         for request_id in request_ids:
-            entry = self._tracks.get(request_id)
-            if entry is not None:
-                entry[0].queue.put_nowait((entry[1], RequestFailedError(f"the forward pass failed: {message}")))
+            self._push_error(request_id, RequestFailedError(f"the forward pass failed: {message}"))
 
     def _probe_done(self, probe_id: int, error: str | None) -> None:
         fut = self._probes.get(probe_id)
