@@ -124,6 +124,10 @@ def save_checkpoint(model: TriModeModel, path: str | os.PathLike, raw_config: di
     """Write `config.json` and `model.safetensors` with the released NLD names (used by training and tests)."""
     from safetensors.torch import save_file
 
+    if any(layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None
+           for layer in model.encoder.layers):
+        raise ValueError("save_checkpoint: the model's projections are fused (an inference layout), not the "
+                         "checkpoint's names")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if "lora_" not in k}

@@ -74,10 +74,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # fp32 as transformers' `x * rsqrt(mean(x^2) + eps)`; torch's fused kernel gives the same bits in 2 ops, not 6
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class LoRALinear(PackableLinear):
@@ -108,24 +106,36 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim  # NOTE: never hidden / heads: 3B and 14B differ
-        self.q_proj = PackableLinear(cfg.hidden_size, self.num_heads * self.head_dim)
-        self.k_proj = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
-        self.v_proj = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.q_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.qkv_proj: PackableLinear | None = None  # set by `fuse`
         self.o_proj = LoRALinear(self.num_heads * self.head_dim, cfg.hidden_size)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one `qkv_proj` over their concatenated weights: one GEMM instead of three."""
+        if self.qkv_proj is None:
+            parts = [self.q_proj, self.k_proj, self.v_proj]
+            self.qkv_proj = _stacked(parts)
+            self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
         cos: torch.Tensor,  # [T, D]
-        sin: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,  # [T, D], first half negated (see `TriModeModel.rope`)
         q_scale: torch.Tensor | None,  # [T, 1, 1] Llama-4 query scale, None below the threshold
         ctx: AttentionContext,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        t, nq, nkv = x.shape[0], self.num_heads, self.num_kv_heads
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(t, nq + 2 * nkv, self.head_dim)
+        qk = apply_rope(qkv[:, :nq + nkv], cos, sin)  # q's and k's heads in one rotation
+        q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         out = ctx.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
@@ -133,22 +143,46 @@ class Attention(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, D]; rotate-half convention as Llama / transformers
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x [T, heads, D] rotated as Llama / transformers: x * cos + rotate_half(x) * sin, rotate_half = [-x2, x1].
+
+    `sin` arrives with its first half negated, so rotate_half(x) * sin is [x2, x1] * sin: the same products
+    (negation is exact), with one flip instead of a negation and a concatenation.
+    """
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return x * cos[:, None, :] + swapped * sin[:, None, :]
+
+
+def _stacked(parts: list[PackableLinear | None]) -> PackableLinear:
+    """One bias-free linear whose output is the outputs of `parts`, concatenated (unpacked: pack after fusing)."""
+    assert all(p is not None and p.packed is None for p in parts), "fuse before packing"
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    with torch.device("meta"):  # no throwaway init of a weight about to be replaced
+        fused = PackableLinear(weight.shape[1], weight.shape[0])
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj: PackableLinear | None = None  # set by `fuse`
         self.down_proj = PackableLinear(cfg.intermediate_size, cfg.hidden_size)
 
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one `gate_up_proj`: one GEMM instead of two."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _stacked([self.gate_proj, self.up_proj])
+            self.gate_proj = self.up_proj = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -189,9 +223,11 @@ class TriModeModel(nn.Module):
         self.attention_factor = attn_factor
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, D] of each position, as transformers computes them, with sin's first half negated."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as transformers
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        return (cos * self.attention_factor).to(dtype), (sin * self.attention_factor).to(dtype)
 
     def query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
         beta = self.cfg.rope.llama_4_scaling_beta
@@ -211,6 +247,13 @@ class TriModeModel(nn.Module):
         for layer in self.encoder.layers:
             h = layer(h, cos, sin, q_scale, ctx)
         return self.encoder.norm(h)
+
+    def fuse_projections(self) -> None:
+        """Inference layout: q/k/v and gate/up each become one linear. The state dict then no longer has the
+        checkpoint's names, so fuse only a model that serves (the runner does, before packing), never one to save."""
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.diffusion_head(hidden).float()  # [N, V]

@@ -44,6 +44,7 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)  # process-wide: the engine owns the process's compute
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model, self.info = load_model(model_path, self.dtype, self.device)
+        self.model.fuse_projections()
         self.linear_kernel = "cuda"
         if self.device.type == "cpu":
             self.linear_kernel = prepare_cpu_linears(self.model, self.model.diffusion_head, self.dtype)

@@ -6,7 +6,7 @@ from transformers import Ministral3Config, Ministral3ForCausalLM
 
 from engine.attention import DenseContext
 from engine.cpu_linear import prepare_cpu_linears
-from engine.loader import load_model
+from engine.loader import load_model, save_checkpoint
 from engine.model_config import ModelConfig
 from tests.checkpoints import nld_raw_config, write_nld_checkpoint
 
@@ -23,13 +23,20 @@ def _hf_twin(raw: dict, model) -> Ministral3ForCausalLM:
     return hf.eval()
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_yarn_and_query_scale_logits_equal_transformers(tmp_path, packed):
-    """Also with the serving runner's CPU layout (column-major layers, the LM head oneDNN-packed)."""
+@pytest.mark.parametrize("layout", ["plain", "fused", "packed"])
+def test_yarn_and_query_scale_logits_equal_transformers(tmp_path, layout):
+    """Also with the serving runner's layouts: q/k/v and gate/up fused, then (CPU) column-major layers and the LM
+    head oneDNN-packed."""
     raw = nld_raw_config()
     model, _ = load_model(write_nld_checkpoint(tmp_path / "ckpt"))
     hf = _hf_twin(raw, model)
-    if packed:
+    if layout != "plain":
+        model.fuse_projections()
+        attn, mlp = model.encoder.layers[0].self_attn, model.encoder.layers[0].mlp
+        assert attn.q_proj is None and attn.qkv_proj is not None and mlp.gate_up_proj is not None
+        with pytest.raises(ValueError, match="fused"):
+            save_checkpoint(model, tmp_path / "out", raw)
+    if layout == "packed":
         assert prepare_cpu_linears(model, model.diffusion_head, torch.float32).endswith("onednn-packed (head)")
         assert model.diffusion_head.weight is None and model.diffusion_head.packed is not None
     # 80 tokens: positions run past original_max_position_embeddings (32) and 64, so the Llama-4 scale is > 1
