@@ -55,6 +55,14 @@ class KVCache:
 
     k: torch.Tensor  # [layers, num_blocks, block_size, Hkv, D]
     v: torch.Tensor
+    flat_k: list[torch.Tensor] = field(init=False)  # per layer, a [num_blocks * block_size, Hkv, D] view of k
+    flat_v: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # views made once: a decode step would otherwise spend 4 tensor ops per layer re-deriving them
+        hkv, d = self.k.shape[-2:]
+        self.flat_k = [layer.view(-1, hkv, d) for layer in self.k]
+        self.flat_v = [layer.view(-1, hkv, d) for layer in self.v]
 
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -159,15 +167,13 @@ class PagedContext:
         return p
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        hkv, d = kc.shape[-2], kc.shape[-1]
-        flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
-        flat_k.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        flat_v.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        flat_k, flat_v = self.cache.flat_k[layer_idx], self.cache.flat_v[layer_idx]
+        flat_k.index_copy_(0, self.slot_mapping, k)  # the runner allocates the cache in the model's dtype
+        flat_v.index_copy_(0, self.slot_mapping, v)
         if self.use_flash:
             p = self._prepared
-            return flash_attn_varlen_func(q, kc, vc, p["cu_q"], p["cu_k"], p["max_q"], p["max_k"],
-                                          causal=self.causal, block_table=p["tables"])
+            return flash_attn_varlen_func(q, self.cache.k[layer_idx], self.cache.v[layer_idx], p["cu_q"], p["cu_k"],
+                                          p["max_q"], p["max_k"], causal=self.causal, block_table=p["tables"])
         if len(self._plans) == 1:
             return self._attend_plan(self._plans[0], q, flat_k, flat_v)
         out = torch.empty_like(q)
@@ -186,7 +192,6 @@ class PagedContext:
             start, end = p["kv_start"], p["kv_start"] + max_k
             keys = flat_k[start:end].view(1, max_k, hkv, d).transpose(1, 2)  # [1, Hkv, max_k, D], a view
             vals = flat_v[start:end].view(1, max_k, hkv, d).transpose(1, 2)
-        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
         if p["path"] == "decode":  # row i of q is sequence i's only query
             return _sdpa(q[:, :, None], keys, vals, p["mask"], False)[:, :, 0]  # [B, Hq, 1, D] -> [T, Hq, D]
         if p["path"] == "single":  # the flat token axis is the sequence

@@ -123,8 +123,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
-        cos: torch.Tensor,  # [T, D]
-        sin: torch.Tensor,  # [T, D], first half negated (see `TriModeModel.rope`)
+        cos: torch.Tensor,  # [T, 1, D]
+        sin: torch.Tensor,  # [T, 1, D], first half negated (see `TriModeModel.rope`)
         q_scale: torch.Tensor | None,  # [T, 1, 1] Llama-4 query scale, None below the threshold
         ctx: AttentionContext,
     ) -> torch.Tensor:
@@ -143,13 +143,14 @@ class Attention(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated as Llama / transformers: x * cos + rotate_half(x) * sin, rotate_half = [-x2, x1].
+    """x [T, heads, D] (cos, sin [T, 1, D]) rotated as Llama / transformers: x * cos + rotate_half(x) * sin with
+    rotate_half(x) = [-x2, x1].
 
     `sin` arrives with its first half negated, so rotate_half(x) * sin is [x2, x1] * sin: the same products
     (negation is exact), with one flip instead of a negation and a concatenation.
     """
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-    return x * cos[:, None, :] + swapped * sin[:, None, :]
+    return x * cos + swapped * sin
 
 
 def _stacked(parts: list[PackableLinear | None]) -> PackableLinear:
@@ -223,11 +224,11 @@ class TriModeModel(nn.Module):
         self.attention_factor = attn_factor
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, D] of each position, as transformers computes them, with sin's first half negated."""
+        """cos and sin [T, 1, D] of each position, as transformers computes them, with sin's first half negated."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as transformers
         cos, sin = freqs.cos(), freqs.sin()
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-        return (cos * self.attention_factor).to(dtype), (sin * self.attention_factor).to(dtype)
+        return (cos * self.attention_factor).to(dtype)[:, None], (sin * self.attention_factor).to(dtype)[:, None]
 
     def query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
         beta = self.cfg.rope.llama_4_scaling_beta
