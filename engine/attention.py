@@ -13,6 +13,7 @@ the block tables directly; elsewhere torch SDPA runs over the pages gathered int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,9 @@ class PagedContext:
     k_lens: list[int]  # context length of each sequence *including* this forward's query tokens
     block_tables: list[list[int]]
     use_flash: bool = False
+    # (q [B, Hq, D], flat k cache, flat v cache, tables [B, max_blocks], lens [B], block_size) -> [B, Hq, D]: reads
+    # the pages in place for one-query-per-sequence plans (`FusedCpuOps.decode_attention`); None = gather + SDPA
+    decode_kernel: Callable[..., torch.Tensor] | None = None
     positions: torch.Tensor = field(init=False)  # [T] int64, position of every query token
     slot_mapping: torch.Tensor = field(init=False)  # [T] int64, cache slot of every query token
     _prepared: dict = field(default_factory=dict, init=False)
@@ -139,6 +143,8 @@ class PagedContext:
         q_start = q_lens.cumsum(0) - q_lens
         max_q, max_k = max(q_list), max(k_list)
         tables = all_tables[torch.tensor(part)]
+        if max_q == 1 and self.decode_kernel is not None:
+            return dict(path="decode_kernel", tables=tables.to(device), lens=k_lens.to(device))
         key_pos = torch.arange(max_k)
         kv_idx = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, max_k] (padding -> a slot of block 0, masked)
         k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
@@ -181,8 +187,9 @@ class PagedContext:
             out[p["rows"]] = self._attend_plan(p, q[p["rows"]], flat_k, flat_v)
         return out
 
-    @staticmethod
-    def _attend_plan(p: dict, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor) -> torch.Tensor:
+    def _attend_plan(self, p: dict, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor) -> torch.Tensor:
+        if p["path"] == "decode_kernel":
+            return self.decode_kernel(q, flat_k, flat_v, p["tables"], p["lens"], self.cache.block_size)
         hkv, d = flat_k.shape[-2], flat_k.shape[-1]
         b, max_k = p["shape"]
         if p["kv_start"] is None:

@@ -31,6 +31,10 @@ class EngineConfig:
     diffusion_lora: bool | None = None  # denoise forwards also use the draft LoRA; None = the checkpoint's hint
     num_threads: int | None = None  # CPU: torch intra-op threads; None = torch's default (all cores)
     use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
+    # CPU fp32 / bf16: "auto" runs norms, RoPE, SwiGLU and decode attention as C++ kernels built on first start
+    # (g++ and ninja; eager torch ops, with a warning, when they cannot be built), "fused" requires them, "torch"
+    # never builds them (engine/cpu_kernels.py)
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -47,6 +51,7 @@ class EngineConfig:
             and all(b >= 2 for b in self.allowed_block_lengths),
             "default_threshold": 0 < self.default_threshold <= 1,
             "num_threads": self.num_threads is None or self.num_threads >= 1,
+            "cpu_kernels": self.cpu_kernels in ("auto", "fused", "torch"),
         }
         for name, ok in checks.items():
             if not ok:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_kernels import TORCH_OPS, FusedCpuOps, TorchOps
 from engine.cpu_linear import PackableLinear
 from engine.model_config import ModelConfig, RopeConfig
 
@@ -72,10 +73,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops: TorchOps | FusedCpuOps = TORCH_OPS  # swapped by `TriModeModel.set_ops`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 as transformers' `x * rsqrt(mean(x^2) + eps)`; torch's fused kernel gives the same bits in 2 ops, not 6
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r), r) with r = x + residual (the residual stream after this sub-layer), or r = x."""
+        return self.ops.rms_norm(x, residual, self.weight, self.eps)
 
 
 class LoRALinear(PackableLinear):
@@ -111,6 +113,7 @@ class Attention(nn.Module):
         self.v_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.qkv_proj: PackableLinear | None = None  # set by `fuse`
         self.o_proj = LoRALinear(self.num_heads * self.head_dim, cfg.hidden_size)
+        self.ops: TorchOps | FusedCpuOps = TORCH_OPS
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -133,24 +136,12 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = qkv.view(t, nq + 2 * nkv, self.head_dim)
-        qk = apply_rope(qkv[:, :nq + nkv], cos, sin)  # q's and k's heads in one rotation
-        q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
+        qk = self.ops.rope(qkv, cos, sin, nq + nkv)  # q's and k's heads in one rotation
+        q, k, v = qk[:, :nq], qk[:, nq:], qkv.view(t, nq + 2 * nkv, self.head_dim)[:, nq + nkv:]
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         out = ctx.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
         return self.o_proj.forward_lora(out.reshape(t, -1), ctx.draft_lora)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] (cos, sin [T, 1, D]) rotated as Llama / transformers: x * cos + rotate_half(x) * sin with
-    rotate_half(x) = [-x2, x1].
-
-    `sin` arrives with its first half negated, so rotate_half(x) * sin is [x2, x1] * sin: the same products
-    (negation is exact), with one flip instead of a negation and a concatenation.
-    """
-    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-    return x * cos + swapped * sin
 
 
 def _stacked(parts: list[PackableLinear | None]) -> PackableLinear:
@@ -170,6 +161,7 @@ class MLP(nn.Module):
         self.up_proj: PackableLinear | None = PackableLinear(cfg.hidden_size, cfg.intermediate_size)
         self.gate_up_proj: PackableLinear | None = None  # set by `fuse`
         self.down_proj = PackableLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.ops: TorchOps | FusedCpuOps = TORCH_OPS
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -180,10 +172,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(self.ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -194,9 +186,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, q_scale, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                q_scale: torch.Tensor | None, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it): the next norm adds the two, so each add rides with a norm."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, q_scale, ctx), residual)
+        return self.mlp(h), residual
 
 
 class Encoder(nn.Module):
@@ -245,9 +240,16 @@ class TriModeModel(nn.Module):
         h = self.encoder.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rope(positions, h.dtype)
         q_scale = self.query_scale(positions)
+        residual = None
         for layer in self.encoder.layers:
-            h = layer(h, cos, sin, q_scale, ctx)
-        return self.encoder.norm(h)
+            h, residual = layer(h, residual, cos, sin, q_scale, ctx)
+        return self.encoder.norm(h, residual)[0]
+
+    def set_ops(self, ops: TorchOps | FusedCpuOps) -> None:
+        """Run the norms, RoPE and SwiGLU through `ops` (the runner installs `FusedCpuOps` on CPU inference)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.ops = ops
 
     def fuse_projections(self) -> None:
         """Inference layout: q/k/v and gate/up each become one linear. The state dict then no longer has the

@@ -12,6 +12,7 @@ import torch
 
 from engine.attention import DenseContext, KVCache, PagedContext, flash_available
 from engine.config import EngineConfig
+from engine.cpu_kernels import FUSED_DTYPES, TORCH_OPS, FusedCpuOps, TorchOps, load_cpu_ops
 from engine.cpu_linear import prepare_cpu_linears
 from engine.decoding import ForwardKind
 from engine.kv_cache import BlockManager
@@ -46,8 +47,11 @@ class ModelRunner:
         self.model, self.info = load_model(model_path, self.dtype, self.device)
         self.model.fuse_projections()
         self.linear_kernel = "cuda"
+        self.ops: TorchOps | FusedCpuOps = TORCH_OPS
         if self.device.type == "cpu":
             self.linear_kernel = prepare_cpu_linears(self.model, self.model.diffusion_head, self.dtype)
+            self.ops = self._cpu_ops(config.cpu_kernels)
+            self.model.set_ops(self.ops)
         cfg = self.info.config
         self.block_size = config.kv_block_size
         num_blocks = self._num_kv_blocks(config)
@@ -55,9 +59,24 @@ class ModelRunner:
                                       cfg.head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, self.block_size)
         self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s, linear=%s)", num_blocks,
-                 self.block_size, num_blocks * self.block_size, self.device, self.dtype,
-                 "flash-attn" if self.use_flash else "sdpa", self.linear_kernel)
+        attention = "flash-attn" if self.use_flash else "sdpa"
+        if self.ops.decode_attention is not None:
+            attention += " (decode: paged kernel)"
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s, linear=%s, ops=%s)", num_blocks,
+                 self.block_size, num_blocks * self.block_size, self.device, self.dtype, attention,
+                 self.linear_kernel, self.ops.name)
+
+    def _cpu_ops(self, mode: str) -> TorchOps | FusedCpuOps:
+        if mode == "torch" or self.dtype not in FUSED_DTYPES:
+            if mode == "fused":
+                raise ValueError(f"cpu_kernels='fused' supports {FUSED_DTYPES}, not {self.dtype}")
+            return TORCH_OPS
+        ops = load_cpu_ops()
+        if ops is None:
+            if mode == "fused":
+                raise RuntimeError("cpu_kernels='fused' but the CPU kernels could not be built (see the warning)")
+            return TORCH_OPS
+        return ops
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
         if self.device.type != "cuda":
@@ -95,7 +114,8 @@ class ModelRunner:
             k_lens.append(seq.num_computed_tokens + n)
         dev = self.device
         ctx = PagedContext(self.cache, batch.kind == ForwardKind.CAUSAL, batch.draft_lora, q_lens, k_lens,
-                           [s.block_table for s in batch.seqs], use_flash=self.use_flash)
+                           [s.block_table for s in batch.seqs], use_flash=self.use_flash,
+                           decode_kernel=self.ops.decode_attention)
         hidden = self.model(torch.tensor(input_ids, device=dev), ctx.positions, ctx)
         if len(rows) < len(input_ids):
             hidden = hidden[torch.tensor(rows, device=dev)]
