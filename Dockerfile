@@ -32,6 +32,9 @@ COPY loadtest ./loadtest
 RUN pip install . && python -c "import engine, server; import torch; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS cpu-base
+# g++ builds trimode's CPU kernels on the first start of a container (engine/cpu_kernels.py, about 30 s, for the
+# host's CPU; ninja comes with the Python dependencies). Without a compiler the server runs eager torch ops.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY --from=cpu-build /opt/venv /opt/venv
 
 # ---------------------------------------------------------------------------------------------------------------

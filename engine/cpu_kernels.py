@@ -30,7 +30,7 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 # -march=native: the build is per machine (the name below hashes the CPU's flags, so a cache directory shared
 # across machines never hands one CPU another's instructions). No -ffast-math, and no FMA contraction: NaN and
 # every rounding stay those of the eager ops (`a * b + c * d` rounds both products, as two torch ops do).
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -134,38 +134,53 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t inter) {
 }
 
 // ---- decode attention: one query per sequence, keys and values read from their pages in place ------------------
+constexpr int64_t kPrefetchRows = 4;  // cache slots ahead: the pages of a sequence are not adjacent in the pool
+
+template <typename T>
+inline void prefetch_row(const T* base, int64_t slot, int64_t row) {
+  const char* p = reinterpret_cast<const char*>(base + slot * row);
+  for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
 template <typename T>
 void decode_attention_kernel(const T* q, int64_t q_seq_stride, int64_t q_head_stride, const T* kc, const T* vc,
                              const int64_t* tables, int64_t max_blocks, const int64_t* lens, T* out, int64_t b,
                              int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale) {
   const int64_t group = hq / hkv;
-  const int64_t row = hkv * d;  // elements per cache slot
-  at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), kv(d), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / hkv, g = item % hkv, n = lens[seq];
+  const int64_t row = hkv * d;  // elements per cache slot: every KV head of one position
+  // One sequence per work item, its slots read in order, every head at once: the cache rows stream from DRAM
+  // (at decode they were last touched a whole forward ago) instead of being revisited once per KV head.
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(hq * d), acc(hq * d), kv(row), scores, inv_sum(hq);
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const int64_t n = lens[seq];
       const int64_t* table = tables + seq * max_blocks;
-      for (int64_t h = 0; h < group; ++h) {
-        const T* qh = q + seq * q_seq_stride + (g * group + h) * q_head_stride;
+      auto slot = [&](int64_t j) { return table[j / block_size] * block_size + j % block_size; };
+      for (int64_t h = 0; h < hq; ++h) {
+        const T* qh = q + seq * q_seq_stride + h * q_head_stride;
+        float* qd = qf.data() + h * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = load(qh, i) * scale;
+        for (int64_t i = 0; i < d; ++i) qd[i] = load(qh, i) * scale;
       }
-      scores.resize(group * n);
+      scores.resize(hq * n);
+      float* sc = scores.data();
+      float* kd = kv.data();
       for (int64_t j = 0; j < n; ++j) {  // scores[h][j] = q_h . k_j * scale
-        const T* kj = kc + (table[j / block_size] * block_size + j % block_size) * row + g * d;
+        if (j + kPrefetchRows < n) prefetch_row(kc, slot(j + kPrefetchRows), row);
+        const T* kj = kc + slot(j) * row;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) kv[i] = load(kj, i);
-        for (int64_t h = 0; h < group; ++h) {
+        for (int64_t i = 0; i < row; ++i) kd[i] = load(kj, i);
+        for (int64_t h = 0; h < hq; ++h) {
           const float* qh = qf.data() + h * d;
+          const float* kh = kd + (h / group) * d;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < d; ++i) s += qh[i] * kv[i];
-          scores[h * n + j] = s;
+          for (int64_t i = 0; i < d; ++i) s += qh[i] * kh[i];
+          sc[h * n + j] = s;
         }
       }
-      std::vector<float> inv_sum(group);
-      for (int64_t h = 0; h < group; ++h) {  // softmax numerators in place, fp32
-        float* sh = scores.data() + h * n;
+      for (int64_t h = 0; h < hq; ++h) {  // softmax numerators in place, fp32
+        float* sh = sc + h * n;
         float m = -INFINITY;
 #pragma omp simd reduction(max : m)
         for (int64_t j = 0; j < n; ++j) m = sh[j] > m ? sh[j] : m;
@@ -179,18 +194,20 @@ void decode_attention_kernel(const T* q, int64_t q_seq_stride, int64_t q_head_st
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {  // acc[h] += p[h][j] * v_j
-        const T* vj = vc + (table[j / block_size] * block_size + j % block_size) * row + g * d;
+        if (j + kPrefetchRows < n) prefetch_row(vc, slot(j + kPrefetchRows), row);
+        const T* vj = vc + slot(j) * row;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) kv[i] = load(vj, i);
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * n + j];
+        for (int64_t i = 0; i < row; ++i) kd[i] = load(vj, i);
+        for (int64_t h = 0; h < hq; ++h) {
+          const float p = sc[h * n + j];
+          const float* vh = kd + (h / group) * d;
           float* a = acc.data() + h * d;
 #pragma omp simd
-          for (int64_t i = 0; i < d; ++i) a[i] += p * kv[i];
+          for (int64_t i = 0; i < d; ++i) a[i] += p * vh[i];
         }
       }
-      for (int64_t h = 0; h < group; ++h) {
-        T* o = out + (seq * hq + g * group + h) * d;
+      for (int64_t h = 0; h < hq; ++h) {
+        T* o = out + (seq * hq + h) * d;
         const float* a = acc.data() + h * d;
         const float inv = inv_sum[h];
 #pragma omp simd
