@@ -8,7 +8,9 @@ Every forward is one of two kinds:
 `num_computed_tokens`; whether they become *committed* is the engine's business (a bidirectional pass never
 advances `num_computed_tokens`, so its K/V is scratch the next forward overwrites). This keeps one code path
 for both kinds: they differ only in the mask. On CUDA with flash-attn installed, the paged varlen kernel reads
-the block tables directly; elsewhere torch SDPA runs over the pages gathered into a padded batch.
+the block tables directly; elsewhere torch SDPA runs over the pages gathered into a padded batch, except that on
+CPU a decode plan (one query per sequence) goes to `decode_kernel` when the runner has the fused CPU kernels,
+which reads the pages in place (engine/cpu_kernels.py).
 """
 
 from __future__ import annotations

@@ -127,3 +127,14 @@ def test_runner_falls_back_to_torch_ops_without_a_compiler(tiny_ckpt, monkeypatc
 def test_cpu_kernels_setting_is_checked():
     with pytest.raises(ValueError, match="cpu_kernels"):
         EngineConfig(cpu_kernels="fast")
+
+
+def test_bench_kernels_prints_every_op(capsys):
+    _fused()
+    from engine.bench_kernels import main
+
+    main(["--rows", "2", "--context", "20", "--repeats", "1", "--cache-mib", "4", "--dtype", "float32"])
+    table = capsys.readouterr().out
+    for op in ("rms_norm + residual, 2 rows", "rope (q and k), 1024 rows", "silu(gate) * up", "decode attention"):
+        assert op in table
+    assert table.count("x |") == 7  # a speed-up per row
