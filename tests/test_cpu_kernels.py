@@ -77,11 +77,11 @@ def test_silu_mul_including_saturation_and_nan(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("hq,hkv,head_dim", [(4, 2, 24), (9, 3, 64), (4, 4, 128)])
-def test_decode_attention_reads_pages_in_place_like_gather_and_sdpa(dtype, hq, hkv, head_dim):
+@pytest.mark.parametrize("hq,hkv,head_dim,bs", [(4, 2, 24, 16), (9, 3, 64, 16), (4, 4, 128, 16), (8, 2, 64, 5)])
+def test_decode_attention_reads_pages_in_place_like_gather_and_sdpa(dtype, hq, hkv, head_dim, bs):
     ops = _fused()
     g = torch.Generator().manual_seed(hq * head_dim)
-    bs, num_blocks = 16, 64
+    num_blocks = 64 * 16 // bs
     lens = torch.tensor([1, 15, 16, 17, 40, 100])  # one key, page edges, several pages
     b = len(lens)
     k_cache, v_cache = ((torch.randn(num_blocks * bs, hkv, head_dim, generator=g)).to(dtype) for _ in range(2))
