@@ -1,7 +1,8 @@
 // trimode's CPU kernels: the glue between the GEMMs of a forward, and decode attention over the paged KV cache.
 //
 // Built on first use by engine/cpu_kernels.py (torch.utils.cpp_extension, -O3 -march=native) and called only
-// through it: it checks shapes, dtypes and layouts before a tensor gets here. fp32 and bf16.
+// through its FusedCpuOps, which hands over contiguous rows; the runner installs it for fp32 and bf16 models only,
+// and any other dtype stops here with an error naming it.
 //
 // Why: a CPU decode step at batch 16 spends as long in small eager ops (each a dispatch and a pass over memory)
 // and in gathering the KV pages for SDPA as in its GEMMs. Each kernel here is one pass, written as plain loops over
@@ -14,7 +15,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
