@@ -90,8 +90,8 @@ class FusedCpuOps:
     def rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
-        t, d = cos.shape[0], cos.shape[-1]
-        return self._ext.rope(qkv, cos.reshape(t, d).contiguous(), sin.reshape(t, d).contiguous(), heads)
+        # cos / sin are the model's [T, 1, D], contiguous: the kernel reads them as [T, D] rows
+        return self._ext.rope(qkv, cos.contiguous(), sin.contiguous(), heads)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._ext.silu_mul(gate_up.contiguous())

@@ -250,9 +250,9 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
   return {out, res};
 }
 
-// x [T, >= heads * D] (unit stride inside a row), cos / sin [T, D] contiguous -> [T, heads, D].
+// x [T, >= heads * D] (unit stride inside a row), cos / sin [T, D] or [T, 1, D], contiguous -> [T, heads, D].
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
-  const int64_t t = x.size(0), d = cos.size(1);
+  const int64_t t = x.size(0), d = cos.size(-1);
   auto out = at::empty({t, heads, d}, x.options());
   dispatch(x, "rope", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
