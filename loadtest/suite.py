@@ -54,6 +54,7 @@ import httpx
 from loadtest.config import BenchmarkConfig
 from loadtest.dataset import fitted_prompt
 from loadtest.runner import run_benchmark
+from server.affinity import CpuPlan, format_cpu_list, plan_cpus
 
 MODES = ("ar", "diffusion", "self_spec")
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +102,30 @@ def parse_ints(spec: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {spec!r}")
     return values
+
+
+_START_CPUS = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else None
+
+
+def cpu_plan(s: Settings) -> CpuPlan | None:
+    """The placement the trimode servers of this run use (their `engine_cpus`, decided on the CPUs this run
+    started with); the suite puts its load generator on the HTTP CPUs and part 1's offline engine on the engine's."""
+    spec = None if s.engine_cpus == "none" else s.engine_cpus
+    return plan_cpus(spec, True, s.threads, _START_CPUS)
+
+
+@contextmanager
+def placed(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Run this process on ``cpus`` inside the block (no-op for None or empty); the previous mask comes back."""
+    if not cpus or _START_CPUS is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
@@ -237,15 +262,16 @@ class ServerProcess:
         log.write(("$ " + shlex.join(self.cmd) + "\n").encode())
         log.flush()
         self._log = log
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            cwd=str(REPO),
-            start_new_session=True,
-        )
+        with placed(_START_CPUS):  # the child inherits the mask: give it every CPU, it places itself
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=str(REPO),
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -302,10 +328,10 @@ def _listen(port: int) -> list[str]:
 
 
 def trimode_server(model: str, log_dir: Path, threads: int | None, name: str = "trimode",
-                   dtype: str = "float32") -> ServerProcess:
+                   dtype: str = "float32", engine_cpus: str = "auto") -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--model", model, *_listen(port), "--shutdown-timeout", "5",
-           "--engine.device", "cpu", "--engine.dtype", dtype]
+           "--engine.device", "cpu", "--engine.dtype", dtype, "--server.engine_cpus", engine_cpus]
     if threads:
         cmd += ["--engine.num_threads", str(threads)]
     return ServerProcess(name, cmd, port, log_dir / f"{name}.log", thread_env(threads))
@@ -469,6 +495,8 @@ class Settings:
     hf_input_len: int
     hf_output_len: int
     hf_rounds: int = 1
+    mode_rounds: int = 1
+    engine_cpus: str = "auto"
     knobs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     startup_timeout: float = 600.0
@@ -522,19 +550,23 @@ def part_overhead(
 
     c, n, mode = s.overhead_concurrency, s.overhead_prompts, s.overhead_mode
     ids = [tok.encode(r["prompt"]) for r in rows[:n]]
+    plan = cpu_plan(s)
+    engine_cpus = plan.engine if plan else None
     if s.threads:
         torch.set_num_threads(s.threads)
     extra = {"num_threads": s.threads} if s.threads else {}
     llm = LLM(model, device="cpu", dtype=s.dtype, max_num_seqs=c, **extra)
     try:
-        offline_run(llm, ids[: min(2, n)], 4, mode)  # warm-up
+        with placed(engine_cpus):
+            offline_run(llm, ids[: min(2, n)], 4, mode)  # warm-up
         bench(url, dataset, min(2, n), 2, 4, mode=mode, knobs=s.knobs)
         runs: list[dict[str, Any]] = []
         raw: list[dict[str, Any]] = []
         for rep in range(s.overhead_repeats):
             log(f"overhead: repeat {rep + 1}/{s.overhead_repeats}: offline, {n} prompts, max_num_seqs={c}")
             cpu0 = process_cpu_seconds()
-            off = offline_run(llm, ids, s.output_len, mode)
+            with placed(engine_cpus):  # the offline engine computes where the server's engine does
+                off = offline_run(llm, ids, s.output_len, mode)
             off["cpu_seconds"] = process_cpu_seconds() - cpu0
             log(f"overhead: offline {off['output_throughput']:.1f} tok/s; server at max-concurrency {c}")
             cpu0, srv0 = process_cpu_seconds(), process_cpu_seconds(server_pid) if server_pid else None
@@ -611,21 +643,36 @@ def crossover_note(cross: int | None, concurrencies: list[int]) -> str:
 
 
 def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, Any]:
-    table: dict[str, list[dict[str, Any]]] = {}
-    raw: dict[str, dict[str, Any]] = {}
+    # Each round runs every level with the three modes back to back, so that the modes compared at a level were
+    # measured within seconds of each other (throughput on a shared machine drifts by tens of percent over
+    # minutes); a cell of the table is the median of its rounds, and every round is kept under raw.
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {m: {c: [] for c in s.concurrencies} for m in MODES}
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {m: {} for m in MODES}
     for mode in MODES:
         bench(url, dataset, 2, 2, 4, mode=mode, knobs=s.knobs)  # warm-up
-        table[mode], raw[mode] = [], {}
+    for rnd in range(s.mode_rounds):
         for c in s.concurrencies:
             n = prompts_for(c, s.per_slot, s.min_prompts)
-            res = bench(url, dataset, n, c, s.output_len, mode=mode, knobs=s.knobs, seed=s.seed)
-            row = {"concurrency": c, **summarize(res, mode)}
-            log(
-                f"modes: {mode:9s} c={c:<3d} {row['output_throughput']:.1f} tok/s, TTFT {row['mean_ttft_ms']:.0f} "
-                f"ms, TPOT {row['mean_tpot_ms']:.1f} ms, tok/fwd {row['tokens_per_forward']}"
-            )
+            for mode in MODES:
+                res = bench(url, dataset, n, c, s.output_len, mode=mode, knobs=s.knobs, seed=s.seed)
+                row = {"concurrency": c, **summarize(res, mode)}
+                log(
+                    f"modes: round {rnd + 1}/{s.mode_rounds}: {mode:9s} c={c:<3d} {row['output_throughput']:.1f} "
+                    f"tok/s, TTFT {row['mean_ttft_ms']:.0f} ms, TPOT {row['mean_tpot_ms']:.1f} ms, tok/fwd "
+                    f"{row['tokens_per_forward']}"
+                )
+                runs[mode][c].append(row)
+                raw[mode].setdefault(str(c), []).append(res)
+    table: dict[str, list[dict[str, Any]]] = {}
+    for mode in MODES:
+        table[mode] = []
+        for c in s.concurrencies:
+            row = dict(median_run(runs[mode][c]))
+            row["rounds_output_throughput"] = [r["output_throughput"] for r in runs[mode][c]]
             table[mode].append(row)
-            raw[mode][str(c)] = res
+    per_round = [
+        crossover({m: [runs[m][c][i] for c in s.concurrencies] for m in MODES}) for i in range(s.mode_rounds)
+    ]
     cross = crossover(table)
     return {
         "model": model,
@@ -637,6 +684,8 @@ def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, An
         "table": table,
         "crossover_concurrency": cross,
         "crossover_note": crossover_note(cross, s.concurrencies),
+        "rounds": s.mode_rounds,
+        "crossover_by_round": per_round,
         "plot": "modes.png",
         "raw": raw,
     }
@@ -736,7 +785,8 @@ def hf_offline(model_dir: Path, rows: list[dict[str, Any]], s: Settings) -> dict
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, s.dtype),
                                                  local_files_only=True).eval()
     out: dict[str, Any] = {}
-    with torch.inference_mode():
+    plan = cpu_plan(s)
+    with torch.inference_mode(), placed(plan.engine if plan else None):
 
         def gen(prompts: list[str], new: int) -> int:
             enc = tok(prompts, return_tensors="pt", padding=True)
@@ -814,7 +864,7 @@ def part_transformers(s: Settings, smol: Path, dataset: Path, rows: list[dict[st
     # shared machine hits both sides alike; a level's figure is its median round, and every round's pair is kept.
     for rnd in range(s.hf_rounds):
         log(f"transformers part: round {rnd + 1}/{s.hf_rounds}: trimode server on SmolLM2")
-        server = trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2", s.dtype)
+        server = trimode_server(str(smol), log_dir, s.threads, "trimode-smollm2", s.dtype, s.engine_cpus)
         with running(server, s.startup_timeout) as url:
             sweep("trimode", url, "ar", True, None, rnd)
         if result.get("transformers_serve_error"):
@@ -910,6 +960,7 @@ def summary_markdown(res: dict[str, Any]) -> str:
         f"- machine: {cpu}, {m['cpu_count']} CPUs, torch {m.get('torch_version')}, transformers "
         f"{m.get('transformers_version')}, threads per process: {m['threads']}",
         f"- load average at start: {', '.join(f'{x:.2f}' for x in m['loadavg'])}",
+        f"- CPU placement: {m.get('cpu_placement', 'not recorded')}",
     ]
     for part, load in res.get("load", {}).items():
         lines.append(f"- load during {part}: mean {fmt(load['mean'], 2)}, max {fmt(load['max'], 2)}")
@@ -950,19 +1001,27 @@ def summary_markdown(res: dict[str, Any]) -> str:
             f"knobs "
             f"{md['knobs'] or 'server defaults'})",
             "",
-            "| mode | concurrency | requests | output tok/s | mean TTFT ms | mean TPOT ms | tokens/forward "
-            "| self_spec acceptance length |",
-            "|---|---|---|---|---|---|---|---|",
+            f"Median of {md.get('rounds', 1)} round(s); each round runs every level with the three modes back to "
+            "back.",
+            "",
+            "| mode | concurrency | requests | output tok/s | each round | mean TTFT ms | mean TPOT ms "
+            "| tokens/forward | self_spec acceptance length |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for mode, rows in md["table"].items():
             for r in rows:
+                each = ", ".join(fmt(x, 0) for x in r.get("rounds_output_throughput", []))
                 lines.append(
                     f"| {mode} | {r['concurrency']} | {r['completed']}/{r['num_prompts']} | "
-                    f"{fmt(r['output_throughput'])} | {fmt(r['mean_ttft_ms'], 0)} | "
+                    f"{fmt(r['output_throughput'])} | {each} | {fmt(r['mean_ttft_ms'], 0)} | "
                     f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} | "
                     f"{fmt(r.get('acceptance_length'), 2) if mode == 'self_spec' else ''} |"
                 )
-        lines += ["", f"**{md['crossover_note'][0].upper()}{md['crossover_note'][1:]}.**", "", "![modes](modes.png)"]
+        lines += ["", f"**{md['crossover_note'][0].upper()}{md['crossover_note'][1:]}.**"]
+        if md.get("crossover_by_round"):
+            lines.append("Crossover by round: " + ", ".join(
+                "none" if c is None else str(c) for c in md["crossover_by_round"]) + ".")
+        lines += ["", "![modes](modes.png)"]
     tf = res.get("transformers")
     if tf:
         lines += [
@@ -1059,6 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-output-len", type=int, help="part 3 output tokens (default 32; quick 8)")
     p.add_argument("--hf-rounds", type=int, help="part 3 rounds, each trimode's sweep then transformers' "
                    "(default 3; quick 1); per side and level the median round is reported")
+    p.add_argument("--mode-rounds", type=int, help="part 2 rounds; each runs every level with the three modes back to "
+                   "back (default 3; quick 1); per mode and level the median round is reported")
+    p.add_argument("--engine-cpus", default="auto", help="trimode servers' [server] engine_cpus (auto | none | a CPU "
+                   "list); with a placement the load generator runs on the HTTP CPUs and the offline engine of part "
+                   "1 on the engine's")
     p.add_argument("--steps", type=int, help="diffusion steps sent with every request (default: server's)")
     p.add_argument("--block-length", type=int, help="block length sent with every request (default: server's)")
     p.add_argument("--threshold", type=float, help="threshold sent with every request (default: server's)")
@@ -1100,6 +1164,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         hf_input_len=pick(args.hf_input_len, 64, 16),
         hf_output_len=pick(args.hf_output_len, 32, 8),
         hf_rounds=pick(args.hf_rounds, 3, 1),
+        mode_rounds=pick(args.mode_rounds, 3, 1),
+        engine_cpus=args.engine_cpus,
         knobs=knobs,
         seed=args.seed,
         startup_timeout=args.startup_timeout,
@@ -1147,6 +1213,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": s.to_json(),
         "machine": machine_info(s.threads),
     }
+    plan = cpu_plan(s)
+    res["machine"]["cpu_placement"] = (
+        f"{plan.describe()}; load generator on {format_cpu_list(plan.api)}" if plan else "none (OS scheduling)")
+    if plan is not None and plan.api:
+        os.sched_setaffinity(0, plan.api)  # the load generator stays off the engine's CPUs
     sampler = LoadSampler().start()
     try:
         if {"overhead", "modes"} & set(s.parts):
@@ -1158,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset = s.out_dir / "prompts-model.jsonl"
             rows = build_prompts(tok, n, s.input_len, s.output_len, s.seed, dataset, s.dataset)
             res["prompts"] = prompts_desc(s)
-            server = trimode_server(model, s.out_dir / "logs", s.threads, dtype=s.dtype)
+            server = trimode_server(model, s.out_dir / "logs", s.threads, dtype=s.dtype, engine_cpus=s.engine_cpus)
             log(f"starting trimode serve on {model}")
             try:
                 url = server.start(s.startup_timeout)

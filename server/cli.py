@@ -105,12 +105,37 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> Any:
-    """The engine as the server will run it: its own process (default) or an in-process Engine (a thread)."""
+def engine_on_cpu(engine_cfg: EngineConfig) -> bool:
+    if engine_cfg.device != "auto":
+        return engine_cfg.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cpu_plan(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> Any:
+    """Where the engine and HTTP processes run (`server.affinity.CpuPlan`), or None; ValueError names the field."""
+    from server.affinity import plan_cpus, usable_cpus
+
+    if not server_cfg.engine_process:
+        return None
+    return plan_cpus(server_cfg.engine_cpus, engine_on_cpu(engine_cfg), engine_cfg.num_threads, usable_cpus())
+
+
+def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: Any = None) -> Any:
+    """The engine as the server will run it: its own process (default) or an in-process Engine (a thread).
+
+    With a `cpu_plan`, this (the HTTP) process moves to its CPUs before the engine process is spawned on its own.
+    """
     if server_cfg.engine_process:
+        from server.affinity import pin_current_process
         from server.engine_process import EngineProcess
 
-        return EngineProcess(engine_cfg, server_cfg.log_level)
+        if plan is not None:
+            if plan.api:
+                pin_current_process(plan.api)
+            log.info("CPU placement: %s", plan.describe())
+        return EngineProcess(engine_cfg, server_cfg.log_level, cpus=plan.engine if plan else None)
     from engine.engine import Engine
 
     return Engine(engine_cfg)
@@ -124,12 +149,13 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         engine_cfg, server_cfg = load_config(args.config, overrides_from(args))
+        plan = cpu_plan(engine_cfg, server_cfg)
     except (OSError, ValueError) as exc:
         print(f"trimode: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(server_cfg.log_level)
     try:
-        engine = load_engine(engine_cfg, server_cfg)
+        engine = load_engine(engine_cfg, server_cfg, plan)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from server.affinity import parse_cpu_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +44,7 @@ class ServerConfig:
     retry_after: int = 1  # seconds, the Retry-After header on 503
     log_level: str = "info"  # debug | info | warning | error | critical
     engine_process: bool = True  # run the engine in its own process (no GIL shared with HTTP); false = a thread
+    engine_cpus: str | None = "auto"  # engine's CPUs: auto (CPU engine: own cores, HTTP the rest) | "1-3,6" | none
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +64,10 @@ class ServerConfig:
             "retry_after": self.retry_after >= 0,
             "log_level": self.log_level in LOG_LEVELS,
         }
+        if self.engine_cpus not in (None, "auto"):
+            parse_cpu_list(self.engine_cpus)  # ValueError naming engine_cpus
+            if not self.engine_process:
+                raise ValueError(f"server config: engine_cpus={self.engine_cpus!r} needs engine_process = true")
         for name, ok in checks.items():
             if not ok:
                 shown = "<redacted>" if name == "api_key" else repr(getattr(self, name))

@@ -26,6 +26,7 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,8 +40,11 @@ log = logging.getLogger("trimode.server")
 _LOAD_ERRORS: dict[str, type[Exception]] = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
 
 
-def _child_main(config: EngineConfig, log_level: str, commands: Connection, events: Connection) -> None:
+def _child_main(config: EngineConfig, log_level: str, commands: Connection, events: Connection,
+                cpus: tuple[int, ...] | None = None) -> None:
     """The engine process: load, report, serve commands until Stop or until the server goes away."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before the model loads: its threads and allocations start here
     if hasattr(os, "setsid"):
         os.setsid()  # out of the server's process group: group signals are the server's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -74,13 +78,20 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
 
 
 class EngineProcess(Core):
-    """Spawn the engine process and wait until its model is loaded; raises what loading raised."""
+    """Spawn the engine process and wait until its model is loaded; raises what loading raised.
 
-    def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout: float = 600.0) -> None:
+    `cpus` pins the engine process to those CPUs (`server.affinity`); its torch threads then default to their count.
+    """
+
+    def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout: float = 600.0,
+                 cpus: tuple[int, ...] | None = None) -> None:
+        if cpus and config.num_threads is None:
+            config = replace(config, num_threads=len(cpus))
+        self.cpus = cpus
         ctx = mp.get_context("spawn")
         child_commands, self._commands = ctx.Pipe(duplex=False)
         self._events, child_events = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_child_main, args=(config, log_level, child_commands, child_events),
+        self.proc = ctx.Process(target=_child_main, args=(config, log_level, child_commands, child_events, cpus),
                                 name="trimode-engine", daemon=True)
         self.proc.start()
         child_commands.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None
 def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Path) -> None:
     settings = suite.settings_from(
         suite.build_parser().parse_args(
-            ["--quick", "--concurrencies", "1,2", "--output-len", "6", "--input-len", "10", "--out-dir", str(tmp_path)]
+            ["--quick", "--concurrencies", "1,2", "--output-len", "6", "--input-len", "10", "--mode-rounds", "2",
+             "--out-dir", str(tmp_path)]
         )
     )
     tok = suite.load_local_tokenizer(str(ckpt))
@@ -114,7 +116,11 @@ def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Pa
             assert row["completed"] == row["num_prompts"] == 2, (mode, row["errors"])
             assert row["total_output_tokens"] == 12 and row["output_throughput"] > 0 and row["mean_tpot_ms"] > 0
             assert row["tokens_per_forward"] is not None
+            rounds = row["rounds_output_throughput"]
+            assert len(rounds) == 2 and row["output_throughput"] == min(rounds)  # the lower middle of two
+            assert len(modes["raw"][mode][str(row["concurrency"])]) == 2
     assert modes["crossover_concurrency"] == suite.crossover(modes["table"])
+    assert modes["rounds"] == 2 and len(modes["crossover_by_round"]) == 2
     suite.plot_modes(modes, tmp_path / "modes.png", "tiny")
     assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = {
@@ -126,7 +132,7 @@ def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Pa
         "load": {"modes": {"mean": 1.0, "max": 2.0}},
     }
     md = suite.summary_markdown(res)
-    assert "| self_spec | 2 | 2/2 |" in md and "rossover" in md
+    assert "| self_spec | 2 | 2/2 |" in md and "rossover" in md and "Crossover by round" in md
 
 
 def test_crossover_rule() -> None:
@@ -169,3 +175,21 @@ def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:
         "transformers": {**res, "input_len": 64, "output_len": 32, "baseline_kind": "k"},
     })
     assert "median of 3 rounds" in md and "concurrency 16: 2.25x, 1.56x, 2.67x" in md
+
+
+def test_suite_places_itself_as_the_servers_do() -> None:
+    from server.affinity import plan_cpus
+
+    def settings(*flags: str) -> suite.Settings:
+        return suite.settings_from(suite.build_parser().parse_args(["--quick", *flags]))
+
+    assert suite.cpu_plan(settings("--engine-cpus", "none")) is None
+    assert suite.cpu_plan(settings()) == plan_cpus("auto", True, 1, suite._START_CPUS)  # --threads 1 by default
+    if suite._START_CPUS is None or len(suite._START_CPUS) < 2:
+        pytest.skip("needs Linux and at least two usable CPUs")
+    before = os.sched_getaffinity(0)
+    with suite.placed((suite._START_CPUS[-1],)):
+        assert os.sched_getaffinity(0) == {suite._START_CPUS[-1]}
+    assert os.sched_getaffinity(0) == before
+    with suite.placed(None):
+        assert os.sched_getaffinity(0) == before
