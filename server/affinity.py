@@ -13,7 +13,7 @@ frontend.
   leave no CPU for HTTP, on CUDA, or where the OS has no `sched_setaffinity`;
 - a Linux cpu list such as `"1-3,6"`: exactly those CPUs for the engine (a subset of the usable ones), the rest for
   HTTP; the engine's torch threads default to their count;
-- `none`: no pinning.
+- `"none"` (or None): no pinning.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def usable_cpus() -> tuple[int, ...] | None:
 def plan_cpus(spec: str | None, engine_on_cpu: bool, num_threads: int | None,
               available: tuple[int, ...] | None) -> CpuPlan | None:
     """Where the engine and HTTP processes run, or None for no pinning. ValueError names `engine_cpus`."""
-    if spec is None:
+    if spec is None or spec == "none":
         return None
     if spec != "auto":
         engine = parse_cpu_list(spec)

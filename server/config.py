@@ -44,7 +44,7 @@ class ServerConfig:
     retry_after: int = 1  # seconds, the Retry-After header on 503
     log_level: str = "info"  # debug | info | warning | error | critical
     engine_process: bool = True  # run the engine in its own process (no GIL shared with HTTP); false = a thread
-    engine_cpus: str | None = "auto"  # engine's CPUs: auto (CPU engine: own cores, HTTP the rest) | "1-3,6" | none
+    engine_cpus: str | None = "auto"  # engine's CPUs: auto (CPU engine: own cores, HTTP the rest) | "1-3,6" | "none"
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,7 +64,7 @@ class ServerConfig:
             "retry_after": self.retry_after >= 0,
             "log_level": self.log_level in LOG_LEVELS,
         }
-        if self.engine_cpus not in (None, "auto"):
+        if self.engine_cpus not in (None, "auto", "none"):
             parse_cpu_list(self.engine_cpus)  # ValueError naming engine_cpus
             if not self.engine_process:
                 raise ValueError(f"server config: engine_cpus={self.engine_cpus!r} needs engine_process = true")

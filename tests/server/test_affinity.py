@@ -39,6 +39,7 @@ def test_auto_gives_the_engine_its_own_cores_and_http_the_rest() -> None:
     assert plan_cpus("auto", False, None, four) is None  # a CUDA engine
     assert plan_cpus("auto", True, None, None) is None  # the OS cannot pin
     assert plan_cpus(None, True, None, four) is None
+    assert plan_cpus("none", True, None, four) is None  # TOML has no null
 
 
 def test_explicit_cpus_are_checked_against_the_usable_ones() -> None:
@@ -54,6 +55,7 @@ def test_config_validates_engine_cpus() -> None:
     assert ServerConfig().engine_cpus == "auto"
     _, cfg = load_config(None, {"server": {"engine_cpus": None}})
     assert cfg.engine_cpus is None
+    assert ServerConfig(engine_cpus="none").engine_cpus == "none"
     with pytest.raises(ValueError, match="invalid engine_cpus='x'"):
         ServerConfig(engine_cpus="x")
     with pytest.raises(ValueError, match="engine_cpus='1' needs engine_process"):
