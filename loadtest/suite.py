@@ -650,9 +650,11 @@ def part_modes(s: Settings, model: str, url: str, dataset: Path) -> dict[str, An
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {m: {} for m in MODES}
     for mode in MODES:
         bench(url, dataset, 2, 2, 4, mode=mode, knobs=s.knobs)  # warm-up
+    # every level sends the same prompts (as many as the top level needs), so that concurrency is the only thing
+    # that changes along a row: self_spec's acceptance depends on the prompt
+    n = max(prompts_for(c, s.per_slot, s.min_prompts) for c in s.concurrencies)
     for rnd in range(s.mode_rounds):
         for c in s.concurrencies:
-            n = prompts_for(c, s.per_slot, s.min_prompts)
             for mode in MODES:
                 res = bench(url, dataset, n, c, s.output_len, mode=mode, knobs=s.knobs, seed=s.seed)
                 row = {"concurrency": c, **summarize(res, mode)}
@@ -1107,7 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, help="prompt tokens, parts 1-2 (default 128; quick 32)")
     p.add_argument("--output-len", type=int, help="output tokens, parts 1-2 (default 64; quick 16)")
     p.add_argument("--concurrencies", type=parse_ints, help="part 2 levels (default 1,2,4,8,16; quick 1,4)")
-    p.add_argument("--per-slot", type=int, help="requests per concurrency slot at each level (default 3; quick 1)")
+    p.add_argument("--per-slot", type=int, help="requests per concurrency slot at each level (default 3; quick 1); "
+                   "part 2 sends the top level's count at every level")
     p.add_argument("--min-prompts", type=int, help="fewest requests at a level (default 6; quick 2)")
     p.add_argument("--overhead-concurrency", type=int, default=8)
     p.add_argument("--overhead-prompts", type=int, help="requests per side, part 1 (default 32; quick 8)")
