@@ -1113,7 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "part 2 sends the top level's count at every level")
     p.add_argument("--min-prompts", type=int, help="fewest requests at a level (default 6; quick 2)")
     p.add_argument("--overhead-concurrency", type=int, default=8)
-    p.add_argument("--overhead-prompts", type=int, help="requests per side, part 1 (default 32; quick 8)")
+    p.add_argument("--overhead-prompts", type=int, help="requests per side and run, part 1 (default 96; quick 8)")
     p.add_argument("--overhead-mode", choices=MODES, default="ar")
     p.add_argument("--overhead-repeats", type=int, help="offline/server alternations, part 1 (default 5; quick 1)")
     p.add_argument("--hf-concurrencies", type=parse_ints, help="part 3 levels (default 1,4,16; quick 1,4)")
@@ -1160,7 +1160,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         per_slot=pick(args.per_slot, 3, 1),
         min_prompts=pick(args.min_prompts, 6, 2),
         overhead_concurrency=args.overhead_concurrency,
-        overhead_prompts=pick(args.overhead_prompts, 32, 8),
+        overhead_prompts=pick(args.overhead_prompts, 96, 8),
         overhead_mode=args.overhead_mode,
         overhead_repeats=pick(args.overhead_repeats, 5, 1),
         hf_concurrencies=pick(args.hf_concurrencies, [1, 4, 16], [1, 4]),

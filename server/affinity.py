@@ -2,10 +2,10 @@
 
 Why: on a CPU engine the forward is the bottleneck, and the HTTP process wakes for every engine step (the pipe,
 SSE framing, detokenizing). Left to the kernel, the woken HTTP thread and a co-located load generator keep landing
-on the engine's core and stall its forward. Pinning the engine to its own cores and the HTTP process to the
-others measured +4 % to +37 % output tok/s at concurrency 8 on a 2-vCPU machine (README, Performance). vLLM's CPU
-backend does the same: `VLLM_CPU_OMP_THREADS_BIND` binds the engine's threads and keeps cores free for the
-frontend.
+on the engine's core and stall its forward. On the 2-vCPU CI machine, re-pinning one running server between
+alternating load runs (trimode-tiny, `ar`, concurrency 8) moved it from 1181 / 1207 / 1513 to 1490 / 1660 / 1581
+output tok/s (docs/perf-serving.md, run 8). vLLM's CPU backend does the same: `VLLM_CPU_OMP_THREADS_BIND` binds
+the engine's threads and keeps cores free for the frontend.
 
 `[server] engine_cpus`:
 - `"auto"` (default): on a CPU engine with at least two usable CPUs, the engine gets the last `num_threads` of them

@@ -2,7 +2,13 @@
 
 import json
 
+import pytest
+
 from engine.bench import main
+from engine.bench_forwards import main as forwards_main
+from engine.bench_forwards import time_forwards
+from engine.config import EngineConfig
+from engine.engine import Engine
 
 
 def test_bench_prints_a_row_per_mode_and_batch_and_writes_json(tiny_ckpt, tmp_path, capsys):
@@ -13,3 +19,18 @@ def test_bench_prints_a_row_per_mode_and_batch_and_writes_json(tiny_ckpt, tmp_pa
     assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in ("ar", "diffusion", "self_spec") for b in (1, 3)]
     assert all(r["output_tokens"] == 9 * r["batch"] and r["tokens_per_s"] > 0 for r in rows)
     assert capsys.readouterr().out.count("| trimode |") == 6
+
+
+def test_bench_forwards_times_every_kind_and_leaves_the_cache_as_found(tiny_ckpt, capsys):
+    ms = forwards_main(["--model", str(tiny_ckpt), "--context", "9", "--block-length", "4", "--repeats", "1",
+                        "--batch", "2"])
+    assert list(ms) == ["ar decode", "self_spec draft", "self_spec verify", "diffusion denoise", "diffusion commit"]
+    assert all(t > 0 for t in ms.values())
+    out = capsys.readouterr().out
+    assert out.count("x |") == 5 and "self_spec beats ar at batch 2 only above" in out
+    engine = Engine(EngineConfig(model=str(tiny_ckpt), device="cpu", num_kv_tokens=256))
+    free = engine.runner.blocks.num_free_blocks
+    time_forwards(engine, 1, 20, 4, 1, calls=1)
+    assert engine.runner.blocks.num_free_blocks == free  # every block it took came back
+    with pytest.raises(ValueError, match="context=300 .* does not fit the KV pool"):
+        time_forwards(engine, 1, 300, 4, 1)
