@@ -10,7 +10,9 @@ Three parts (``--parts``, all by default), each started on its own so one failin
    (``--overhead-repeats``) and the best of each is compared, which damps other load on a shared machine.
 2. ``modes``: ar, diffusion and self_spec on the built-in model (or ``--model``) at concurrency 1, 2, 4, 8, 16:
    output tok/s, TTFT, TPOT, tokens per forward (from the server's ``/metrics``), plotted to ``modes.png``;
-   the crossover is the first concurrency where ar's output tok/s >= self_spec's.
+   the crossover is the first concurrency where ar's output tok/s >= self_spec's. ``--mode-rounds`` rounds, each
+   running every level with the three modes back to back; a cell is its median round. Every level sends the same
+   prompts.
 3. ``transformers``: SmolLM2-135M-Instruct in ar mode, trimode's server against
    ``transformers serve --continuous-batching`` (``--dtype``, fp32 by default, CPU, same local weights, prompts and
    concurrency levels).
@@ -19,7 +21,9 @@ Three parts (``--parts``, all by default), each started on its own so one failin
 
 Every server is a subprocess on a free 127.0.0.1 port, stopped in ``finally`` (SIGTERM, then SIGKILL). Torch
 threads: ``--threads`` (default 1) for the offline engine in this process and, through ``OMP_NUM_THREADS`` /
-``MKL_NUM_THREADS``, for both servers, so both sides of every comparison use the same number of cores.
+``MKL_NUM_THREADS``, for both servers, so both sides of every comparison use the same number of cores. CPU
+placement: ``--engine-cpus`` (default auto) is passed to the trimode servers (``[server] engine_cpus``); the load
+generator then runs on the HTTP CPUs and part 1's offline engine on the engine's CPUs.
 
 Output (``--out-dir``, default ``bench-results/``): ``suite.json`` (every figure and every raw load-generator
 result), ``modes.png``, ``summary.md`` (tables), ``prompts-*.jsonl`` and ``logs/`` (server logs).
@@ -1107,7 +1111,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per process (OMP_NUM_THREADS for the servers); 0 = torch's default",
     )
     p.add_argument("--input-len", type=int, help="prompt tokens, parts 1-2 (default 128; quick 32)")
-    p.add_argument("--output-len", type=int, help="output tokens, parts 1-2 (default 64; quick 16)")
+    p.add_argument("--output-len", type=int, help="output tokens, parts 1-2 (default 128, the reference's "
+                   "max_new_tokens; quick 16)")
     p.add_argument("--concurrencies", type=parse_ints, help="part 2 levels (default 1,2,4,8,16; quick 1,4)")
     p.add_argument("--per-slot", type=int, help="requests per concurrency slot at each level (default 3; quick 1); "
                    "part 2 sends the top level's count at every level")
@@ -1155,7 +1160,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         threads=args.threads or None,
         dtype=args.dtype,
         input_len=pick(args.input_len, 128, 32),
-        output_len=pick(args.output_len, 64, 16),
+        # 128: linear_spec_generate's and NVIDIA's server's default length; self_spec's acceptance on a small
+        # model grows along a greedy output, so short outputs understate it
+        output_len=pick(args.output_len, 128, 16),
         concurrencies=pick(args.concurrencies, [1, 2, 4, 8, 16], [1, 4]),
         per_slot=pick(args.per_slot, 3, 1),
         min_prompts=pick(args.min_prompts, 6, 2),
