@@ -18,6 +18,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from engine.config import EngineConfig
+from server.affinity import CpuPlan, pin_current_process, plan_cpus, usable_cpus
 from server.config import ServerConfig, load_config, parse_value
 
 log = logging.getLogger("trimode.server")
@@ -106,6 +107,7 @@ def setup_logging(level: str) -> None:
 
 
 def engine_on_cpu(engine_cfg: EngineConfig) -> bool:
+    """Whether the engine will run on the CPU (device "cpu", or "auto" without CUDA), as the runner decides."""
     if engine_cfg.device != "auto":
         return engine_cfg.device == "cpu"
     import torch
@@ -113,22 +115,19 @@ def engine_on_cpu(engine_cfg: EngineConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def cpu_plan(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> Any:
-    """Where the engine and HTTP processes run (`server.affinity.CpuPlan`), or None; ValueError names the field."""
-    from server.affinity import plan_cpus, usable_cpus
-
+def cpu_plan(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> CpuPlan | None:
+    """Where the engine and HTTP processes run, or None for the OS to decide; ValueError names the field."""
     if not server_cfg.engine_process:
         return None
     return plan_cpus(server_cfg.engine_cpus, engine_on_cpu(engine_cfg), engine_cfg.num_threads, usable_cpus())
 
 
-def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: Any = None) -> Any:
+def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: CpuPlan | None = None) -> Any:
     """The engine as the server will run it: its own process (default) or an in-process Engine (a thread).
 
     With a `cpu_plan`, this (the HTTP) process moves to its CPUs before the engine process is spawned on its own.
     """
     if server_cfg.engine_process:
-        from server.affinity import pin_current_process
         from server.engine_process import EngineProcess
 
         if plan is not None:
