@@ -58,7 +58,7 @@ import httpx
 from loadtest.config import BenchmarkConfig
 from loadtest.dataset import fitted_prompt
 from loadtest.runner import run_benchmark
-from server.affinity import CpuPlan, format_cpu_list, plan_cpus
+from server.affinity import CpuPlan, format_cpu_list, parse_cpu_list, plan_cpus
 
 MODES = ("ar", "diffusion", "self_spec")
 REPO = Path(__file__).resolve().parent.parent
@@ -1150,6 +1150,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     bad = set(parts) - {"overhead", "modes", "transformers"}
     if bad:
         raise SystemExit(f"unknown part(s): {', '.join(sorted(bad))}")
+    if args.mode_rounds is not None and args.mode_rounds < 1:
+        raise SystemExit(f"--mode-rounds must be >= 1, got {args.mode_rounds}")
+    if args.engine_cpus not in ("auto", "none"):
+        try:
+            parse_cpu_list(args.engine_cpus, "--engine-cpus")
+        except ValueError as exc:
+            raise SystemExit(str(exc).removeprefix("server config: ")) from None
     knobs = {k: getattr(args, k) for k in ("steps", "block_length", "threshold") if getattr(args, k) is not None}
     return Settings(
         model=args.model,
@@ -1223,7 +1230,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": s.to_json(),
         "machine": machine_info(s.threads),
     }
-    plan = cpu_plan(s)
+    try:
+        plan = cpu_plan(s)
+    except ValueError as exc:
+        raise SystemExit(str(exc).removeprefix("server config: ")) from None
     res["machine"]["cpu_placement"] = (
         f"{plan.describe()}; load generator on {format_cpu_list(plan.api)}" if plan else "none (OS scheduling)")
     if plan is not None and plan.api:

@@ -39,7 +39,7 @@ def parse_cpu_list(text: str, field: str = "engine_cpus") -> tuple[int, ...]:
         part = part.strip()
         lo, sep, hi = part.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"server config: invalid {field}={text!r}: expected 'auto', none or a CPU list such as "
+            raise ValueError(f"server config: invalid {field}={text!r}: expected 'auto', 'none' or a CPU list such as "
                              f"'1-3,6'")
         first, last = int(lo), int(hi) if sep else int(lo)
         if last < first:

@@ -184,6 +184,10 @@ def test_suite_places_itself_as_the_servers_do() -> None:
         return suite.settings_from(suite.build_parser().parse_args(["--quick", *flags]))
 
     assert suite.cpu_plan(settings("--engine-cpus", "none")) is None
+    with pytest.raises(SystemExit, match="invalid --engine-cpus='x'"):
+        settings("--engine-cpus", "x")
+    with pytest.raises(SystemExit, match="--mode-rounds must be >= 1"):
+        settings("--mode-rounds", "0")
     assert suite.cpu_plan(settings()) == plan_cpus("auto", True, 1, suite._START_CPUS)  # --threads 1 by default
     if suite._START_CPUS is None or len(suite._START_CPUS) < 2:
         pytest.skip("needs Linux and at least two usable CPUs")
