@@ -134,6 +134,8 @@ def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: CpuPla
             if plan.api:
                 pin_current_process(plan.api)
             log.info("CPU placement: %s", plan.describe())
+        else:
+            log.info("CPU placement: left to the OS (engine_cpus=%s)", server_cfg.engine_cpus)
         return EngineProcess(engine_cfg, server_cfg.log_level, cpus=plan.engine if plan else None)
     from engine.engine import Engine
 
