@@ -35,7 +35,7 @@ def time_forwards(engine: Engine, batch: int, context: int, block: int, repeats:
                   calls: int = 20) -> dict[str, float]:
     """Milliseconds per forward of each kind (median of `repeats` rounds of `calls`); the KV cache is left as found."""
     runner = engine.runner
-    need = runner.blocks.blocks_needed(Sequence("probe", [0], 1, SamplingParams(), frozenset()), context + block)
+    need = -(-(context + block) // runner.block_size)  # pages per sequence
     if not runner.blocks.can_allocate(need * batch):
         raise ValueError(f"context={context} + block_length={block} for batch={batch} does not fit the KV pool "
                          f"({runner.blocks.num_free_blocks} free blocks)")

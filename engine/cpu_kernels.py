@@ -84,8 +84,7 @@ class FusedCpuOps:
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:
             residual = residual.contiguous()
-        out, res = self._ext.rms_norm(x.contiguous(), residual, weight.contiguous(), eps)
-        return out, res
+        return self._ext.rms_norm(x.contiguous(), residual, weight.contiguous(), eps)
 
     def rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
         if qkv.stride(-1) != 1:

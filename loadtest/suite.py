@@ -58,7 +58,7 @@ import httpx
 from loadtest.config import BenchmarkConfig
 from loadtest.dataset import fitted_prompt
 from loadtest.runner import run_benchmark
-from server.affinity import CpuPlan, format_cpu_list, parse_cpu_list, plan_cpus
+from server.affinity import CpuPlan, format_cpu_list, parse_cpu_list, plan_cpus, usable_cpus
 
 MODES = ("ar", "diffusion", "self_spec")
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def parse_ints(spec: str) -> list[int]:
     return values
 
 
-_START_CPUS = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else None
+_START_CPUS = usable_cpus()  # the CPUs this run started with (None where the OS cannot pin)
 
 
 def cpu_plan(s: Settings) -> CpuPlan | None:

@@ -87,7 +87,6 @@ class EngineProcess(Core):
                  cpus: tuple[int, ...] | None = None) -> None:
         if cpus and config.num_threads is None:
             config = replace(config, num_threads=len(cpus))
-        self.cpus = cpus
         ctx = mp.get_context("spawn")
         child_commands, self._commands = ctx.Pipe(duplex=False)
         self._events, child_events = ctx.Pipe(duplex=False)

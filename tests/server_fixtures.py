@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import string
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +56,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90.0) -> None:
+    """Poll `url`/health until it answers 200; fails if the server process exits or `timeout` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
 
 
 @contextmanager

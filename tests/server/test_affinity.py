@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from server.affinity import CpuPlan, parse_cpu_list, plan_cpus
 from server.config import ServerConfig, load_config
-from tests.server_fixtures import free_port
+from tests.server_fixtures import free_port, wait_until_healthy
 
 ROOT = Path(__file__).parents[2]
 CAN_PIN = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2
@@ -78,14 +77,7 @@ def test_serve_places_engine_and_http_processes(ckpt: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, url)
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         engine = [p for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(engine) == 1, children

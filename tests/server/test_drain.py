@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.server.helpers import sse_json
-from tests.server_fixtures import free_port
+from tests.server_fixtures import free_port, wait_until_healthy
 
 ROOT = Path(__file__).parents[2]
 
@@ -30,14 +30,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {key}"}
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, url)
         body = {"prompt": "drain me", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True,
                 "mode": "diffusion", "steps": 8, "block_length": 8}
         results: list[bytes] = []
