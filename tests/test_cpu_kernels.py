@@ -131,7 +131,7 @@ def test_cpu_kernels_setting_is_checked():
 
 def test_bench_kernels_prints_every_op(capsys):
     _fused()
-    from engine.bench_kernels import main
+    from bench.kernels import main
 
     main(["--rows", "2", "--context", "20", "--repeats", "1", "--cache-mib", "4", "--dtype", "float32"])
     table = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""`python -m engine.bench_forwards`: what one forward of each kind costs, and the acceptance a mode needs to win.
+"""`python -m bench.forwards`: what one forward of each kind costs, and the acceptance a mode needs to win.
 
 Every mode pays per forward, and they pay for different forwards: `ar` one causal token per sequence, `self_spec`
 a bidirectional draft and a causal verify over a whole block (`--block-length`, default the checkpoint's), and
@@ -76,7 +76,7 @@ def time_forwards(engine: Engine, batch: int, context: int, block: int, repeats:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.forwards", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in trimode-tiny)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=1, help="sequences per forward")

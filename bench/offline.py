@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from engine.convert_gguf import smollm2_dir
+        from convert.gguf import smollm2_dir
 
         args.model = str(smollm2_dir())
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

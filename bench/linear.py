@@ -1,4 +1,4 @@
-"""`python -m engine.bench_linear`: the CPU linear kernels side by side on a model's weight shapes, cold.
+"""`python -m bench.linear`: the CPU linear kernels side by side on a model's weight shapes, cold.
 
 A decode forward streams every weight matrix from DRAM once, so each kernel is timed over enough distinct copies
 of a shape to overflow the last-level cache (`--mib`, default 640 MiB) and reported as microseconds per call
@@ -37,7 +37,7 @@ def _cold(fn: Callable[[torch.Tensor], torch.Tensor], weights: list, repeats: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.linear", description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,16,64", help="comma list of M (tokens in the forward)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=1)

@@ -1,4 +1,4 @@
-"""`python -m engine.bench_kernels`: the model's glue ops, eager (`TorchOps`) against the fused CPU kernels.
+"""`python -m bench.kernels`: the model's glue ops, eager (`TorchOps`) against the fused CPU kernels.
 
 Per op, at a decode batch (`--rows`, default 16) and a prefill chunk (1024 rows) of SmolLM2-135M's shapes: RMSNorm
 with its residual add, RoPE over q and k, SwiGLU, and decode attention (gather + SDPA against the kernel that
@@ -107,7 +107,7 @@ def _engine_steps(model: str, dtype: str, rounds: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--rows", type=int, default=16, help="decode batch size")
     p.add_argument("--context", type=int, default=96, help="keys per sequence for decode attention")

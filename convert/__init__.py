@@ -1,0 +1,1 @@
+"""Checkpoint converters, beside the runtime: `convert.gguf` turns a GGUF file into a Hugging Face directory."""
