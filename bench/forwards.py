@@ -24,41 +24,41 @@ import time
 
 import torch
 
+from engine.batch import Batch
 from engine.config import EngineConfig
-from engine.decoding import ForwardKind, ForwardRequest
 from engine.engine import Engine
-from engine.scheduler import Batch
+from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.sequence import SamplingParams, Sequence
 
 
 def time_forwards(engine: Engine, batch: int, context: int, block: int, repeats: int,
                   calls: int = 20) -> dict[str, float]:
     """Milliseconds per forward of each kind (median of `repeats` rounds of `calls`); the KV cache is left as found."""
-    runner = engine.runner
-    need = -(-(context + block) // runner.block_size)  # pages per sequence
-    if not runner.blocks.can_allocate(need * batch):
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    need = -(-(context + block) // blocks.block_size)  # pages per sequence
+    if not blocks.can_allocate(need * batch):
         raise ValueError(f"context={context} + block_length={block} for batch={batch} does not fit the KV pool "
-                         f"({runner.blocks.num_free_blocks} free blocks)")
+                         f"({blocks.num_free_blocks} free blocks)")
     vocab = engine.model_config.vocab_size
     seqs = []
     for i in range(batch):
         prompt = [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(context)]
         seq = Sequence(f"bench-{i}", prompt, context, SamplingParams(max_tokens=block), frozenset())
-        runner.blocks.allocate(seq, context + block)
+        blocks.allocate(seq, context + block)
         seq.num_computed_tokens = context
         seqs.append(seq)
-    env = engine.env
-    draft = [5] + [env.mask_id if env.mask_id is not None else 0] * (block - 1)
+    ctx = engine.decoder_ctx
+    draft = [5] + [ctx.mask_id if ctx.mask_id is not None else 0] * (block - 1)
     kinds = {
-        "ar decode": (ForwardKind.CAUSAL, [5], False),
-        "self_spec draft": (ForwardKind.BIDIR, draft, env.spec_lora),
-        "self_spec verify": (ForwardKind.CAUSAL, [5] * block, False),
-        "diffusion denoise": (ForwardKind.BIDIR, draft, env.diffusion_lora),
-        "diffusion commit": (ForwardKind.CAUSAL, [5] * block, False),
+        "ar decode": (Forward.AR_DECODE, [5], False),
+        "self_spec draft": (Forward.DRAFT, draft, ctx.spec_lora),
+        "self_spec verify": (Forward.VERIFY, [5] * block, False),
+        "diffusion denoise": (Forward.DENOISE, draft, ctx.diffusion_lora),
+        "diffusion commit": (Forward.COMMIT, [5] * block, False),
     }
-    batches = {name: Batch(name, kind, lora, seqs, [ForwardRequest(name, kind, list(ids), all_logits=len(ids) > 1,
-                                                                  draft_lora=lora) for _ in seqs])
-               for name, (kind, ids, lora) in kinds.items()}
+    batches = {name: Batch(forward, lora, seqs, [ForwardRequest(BatchKey(forward, draft_lora=lora), list(ids),
+                                                                all_logits=len(ids) > 1) for _ in seqs])
+               for name, (forward, ids, lora) in kinds.items()}
     rounds: dict[str, list[float]] = {name: [] for name in batches}
     try:
         for b in batches.values():
@@ -72,7 +72,7 @@ def time_forwards(engine: Engine, batch: int, context: int, block: int, repeats:
         return {name: statistics.median(v) for name, v in rounds.items()}
     finally:
         for seq in seqs:
-            runner.blocks.free(seq)
+            blocks.free(seq)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

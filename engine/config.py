@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-MODES = ("ar", "diffusion", "self_spec")
+from engine.decoding.modes import MODES  # the one list of modes; re-exported here for the loadtest and the tests
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class EngineConfig:
     # (g++ and ninja; eager torch ops, with a warning, when they cannot be built), "fused" requires them, "torch"
     # never builds them (engine/cpu_kernels.py)
     cpu_kernels: str = "auto"
+    # checked at admission from the worst case of the mode and knobs (a 400 names the knob); the default admits
+    # every ar, diffusion and one-shot self_spec request that fits the context (each needs fewer than
+    # 2 x max_model_len) and refuses only self_spec threshold drafting with a long block and a long output
+    max_forwards_per_request: int | None = None  # decode forwards a request may need at most; None = 2 x max_model_len
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,6 +56,7 @@ class EngineConfig:
             "default_threshold": 0 < self.default_threshold <= 1,
             "num_threads": self.num_threads is None or self.num_threads >= 1,
             "cpu_kernels": self.cpu_kernels in ("auto", "fused", "torch"),
+            "max_forwards_per_request": self.max_forwards_per_request is None or self.max_forwards_per_request >= 1,
         }
         for name, ok in checks.items():
             if not ok:

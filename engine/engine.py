@@ -1,9 +1,10 @@
 """Engine: add / abort / step over the scheduler, the runner and the decoders. Single-threaded, token ids only.
 
+Builds the parts: the runner (weights, KV memory) sizes the pool, the scheduler owns its pages (`BlockManager`).
 `step()` runs at most one forward: the scheduler picks a homogeneous batch, the runner returns its logit rows,
-each sequence's decoder turns them into an Outcome, and postprocess applies it once for every mode: append the
-tokens, cut at the first stop id, trim to `max_tokens`, advance `num_computed_tokens` by the K/V kept, crop
-rejected K/V, free the blocks of finished sequences.
+each sequence's decoder turns them into an Outcome, and `_apply_outcome` applies it the same way for every mode:
+append the tokens, cut at the first stop id, trim to `max_tokens`, commit the K/V kept (cropping the rest), free
+the blocks of finished sequences. The outcomes' counters are summed into the step's `StepStats` by name.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from pathlib import Path
 
 import torch
 
+from engine.batch import Batch
 from engine.config import EngineConfig
-from engine.decoding import DECODERS, DecodeEnv, ForwardKind, Outcome, chosen
+from engine.decoding.base import DecoderContext, Outcome, emit_tokens
+from engine.decoding.registry import DECODERS
+from engine.forward import Forward, ForwardRequest
+from engine.kv_cache import BlockManager
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
 from engine.sampling import sample, token_logprobs
-from engine.scheduler import Batch, Scheduler
+from engine.scheduler import Scheduler
 from engine.sequence import RequestOutput, SamplingParams, Sequence, StepStats
 from engine.tokenizer import load_tokenizer
 
@@ -63,18 +68,21 @@ class Engine:
         self.mask_token_id = info.config.mask_token_id
         if self.mask_token_id is None and self.tokenizer is not None:
             self.mask_token_id = self.tokenizer.mask_token_id
-        pool_tokens = self.runner.blocks.num_blocks * self.runner.block_size
+        blocks = BlockManager(self.runner.num_kv_blocks, self.runner.block_size)
+        pool_tokens = blocks.num_blocks * blocks.block_size
         limit = config.max_model_len or info.config.max_position_embeddings
         self.max_model_len = min(limit, pool_tokens)
         self.policy = RequestPolicy(
             self.model_name, self.is_trimode, info.config.vocab_size, self.max_model_len, config.default_mode,
             config.default_block_length or info.config.block_size,
-            tuple(sorted({*config.allowed_block_lengths, info.config.block_size})), config.default_threshold)
+            tuple(sorted({*config.allowed_block_lengths, info.config.block_size})), config.default_threshold,
+            kv_page_size=blocks.block_size, kv_num_pages=blocks.num_blocks,
+            max_forwards=config.max_forwards_per_request or 2 * self.max_model_len)
         # denoising uses the draft LoRA when the config says so, else when the checkpoint says it was trained for it
         denoise_lora = info.config.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora
-        self.env = DecodeEnv(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
-                             diffusion_lora=info.has_draft_lora and denoise_lora)
-        self.scheduler = Scheduler(self.runner.blocks, self.env, config.max_num_seqs, config.max_num_batched_tokens)
+        self.decoder_ctx = DecoderContext(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
+                                          diffusion_lora=info.has_draft_lora and denoise_lora)
+        self.scheduler = Scheduler(blocks, self.decoder_ctx, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.last_stats = StepStats()  # a fresh object every step, never mutated afterwards: safe to hand over
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -129,26 +137,27 @@ class Engine:
 
     def _run_batch(self, batch: Batch, stats: StepStats, preempted_before: int) -> list[RequestOutput]:
         logits = self.runner.run(batch)
-        stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.name, len(batch.seqs), \
+        stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.forward, len(batch.seqs), \
             batch.num_query_tokens
         outputs = []
         for seq, req, rows in zip(batch.seqs, batch.requests, logits):
             seq.num_forwards += 1
-            if req.name == "prefill":
+            mode = seq.params.mode
+            assert mode is not None
+            if req.forward == Forward.PREFILL:
                 outcome = self._consume_prefill(seq, req, rows)
             else:
                 seq.num_decode_forwards += 1
-                stats.decode_forwards_by_mode[seq.params.mode] = stats.decode_forwards_by_mode.get(
-                    seq.params.mode, 0) + 1
-                outcome = DECODERS[seq.params.mode].consume(seq, req, rows, self.env)
-            self._count(stats, req.name, outcome)
-            out = self._apply(seq, batch, outcome)
+                stats.decode_forwards_by_mode[mode] = stats.decode_forwards_by_mode.get(mode, 0) + 1
+                outcome = DECODERS[mode].consume(seq, req, rows, self.decoder_ctx)
+            self._add_to_stats(stats, outcome)
+            out = self._apply_outcome(seq, batch, outcome)
             if out is not None:
                 outputs.append(out)
         stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
         return outputs
 
-    def _consume_prefill(self, seq: Sequence, req, rows: torch.Tensor) -> Outcome:
+    def _consume_prefill(self, seq: Sequence, req: ForwardRequest, rows: torch.Tensor) -> Outcome:
         if req.all_logits:  # prompt logprobs: row i predicts the prompt token after query position i
             start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
             targets = [p for p in range(start + 1, start + len(req.token_ids) + 1) if p < seq.num_prompt_tokens]
@@ -160,22 +169,22 @@ class Engine:
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
         seq.sample_after_prefill = False
-        return chosen(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id), rows[-1:], seq, self.env,
-                      num_kv_kept=len(req.token_ids))
+        return emit_tokens(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id), rows[-1:], seq,
+                           self.decoder_ctx, num_kv_kept=len(req.token_ids))
 
     @staticmethod
-    def _count(stats: StepStats, name: str, outcome: Outcome) -> None:
-        if name == "verify":
-            stats.spec_drafts += 1
-            stats.spec_draft_tokens += outcome.spec_draft_tokens
-            stats.spec_accepted_tokens += outcome.spec_accepted
-        if outcome.denoise_steps is not None:
-            stats.denoise_steps_per_block.append(outcome.denoise_steps)
+    def _add_to_stats(stats: StepStats, outcome: Outcome) -> None:
+        """Sum the decoder's counters and collect its observations, whatever they are called."""
+        for name, amount in outcome.counters.items():
+            stats.counters[name] = stats.counters.get(name, 0) + amount
+        for name, value in outcome.observations.items():
+            stats.observations.setdefault(name, []).append(value)
 
-    def _apply(self, seq: Sequence, batch: Batch, outcome: Outcome) -> RequestOutput | None:
-        if batch.kind == ForwardKind.CAUSAL:
-            seq.num_computed_tokens += outcome.num_kv_kept
-            self.runner.blocks.crop(seq, seq.num_computed_tokens)
+    def _apply_outcome(self, seq: Sequence, batch: Batch, outcome: Outcome) -> RequestOutput | None:
+        """Make `outcome` part of `seq`: commit its K/V, emit its tokens up to a stop or the length limit, and
+        finish the request there; the RequestOutput says what changed (None when nothing did)."""
+        if batch.causal:
+            self.scheduler.commit_kv(seq, outcome.num_kv_kept)
         emitted: list[int] = []
         first_output = seq.num_output_tokens == 0
         for tok in outcome.new_token_ids:
@@ -215,15 +224,15 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        return self.runner.blocks.usage
+        return self.scheduler.blocks.usage
 
     @property
     def num_free_blocks(self) -> int:
-        return self.runner.blocks.num_free_blocks
+        return self.scheduler.blocks.num_free_blocks
 
     @property
     def num_total_blocks(self) -> int:
-        return self.runner.blocks.num_blocks
+        return self.scheduler.blocks.num_blocks
 
     def probe(self) -> None:
         """Readiness: a real one-token forward; raises if the model is broken."""

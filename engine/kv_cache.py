@@ -1,5 +1,8 @@
 """BlockManager: the paged KV pool's bookkeeping (which block belongs to which sequence). CPU-side only.
 
+The engine builds it from the runner's sizing and hands it to the scheduler, its only owner; the runner holds the
+pool's memory and reads each forward's block tables from the Batch.
+
 A sequence's `block_table` lists its pages in order; token position p lives at slot
 `block_table[p // block_size] * block_size + p % block_size`. Blocks are handed out for every query token a
 forward will write (committed or scratch), cropped back to the committed length after a self_spec verify, and all

@@ -1,7 +1,9 @@
 """ModelRunner: turns a scheduled Batch into tensors, runs one forward over the paged cache, returns logit rows.
 
-Owns the weights, the KV pool and the device. Sizing: on CUDA the pool takes `gpu_memory_utilization` of the
-device memory minus weights and an activation reserve; on CPU it holds `num_kv_tokens` tokens.
+Owns the weights, the KV pool's memory and the device; which page belongs to whom is the scheduler's
+(`BlockManager`), and each forward brings its sequences' block tables in the Batch. Sizing (`num_kv_blocks`): on
+CUDA the pool takes `gpu_memory_utilization` of the device memory minus weights and an activation reserve; on CPU
+it holds `num_kv_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ import logging
 import torch
 
 from engine.attention import DenseContext, KVCache, PagedContext, flash_available
+from engine.batch import Batch
 from engine.config import EngineConfig
 from engine.cpu_kernels import FUSED_DTYPES, TORCH_OPS, FusedCpuOps, TorchOps, load_cpu_ops
 from engine.cpu_linear import prepare_cpu_linears
-from engine.decoding import ForwardKind
-from engine.kv_cache import BlockManager
 from engine.loader import load_model
-from engine.scheduler import Batch
 
 log = logging.getLogger("trimode.engine")
 
@@ -54,10 +54,9 @@ class ModelRunner:
             self.model.set_ops(self.ops)
         cfg = self.info.config
         self.block_size = config.kv_block_size
-        num_blocks = self._num_kv_blocks(config)
+        self.num_kv_blocks = num_blocks = self._num_kv_blocks(config)
         self.cache = KVCache.allocate(cfg.num_hidden_layers, num_blocks, self.block_size, cfg.num_key_value_heads,
                                       cfg.head_dim, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, self.block_size)
         self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
         attention = "flash-attn" if self.use_flash else "sdpa"
         if self.ops.decode_attention is not None:
@@ -113,9 +112,8 @@ class ModelRunner:
             q_lens.append(n)
             k_lens.append(seq.num_computed_tokens + n)
         dev = self.device
-        ctx = PagedContext(self.cache, batch.kind == ForwardKind.CAUSAL, batch.draft_lora, q_lens, k_lens,
-                           [s.block_table for s in batch.seqs], use_flash=self.use_flash,
-                           decode_kernel=self.ops.decode_attention)
+        ctx = PagedContext(self.cache, batch.causal, batch.draft_lora, q_lens, k_lens, batch.block_tables,
+                           use_flash=self.use_flash, decode_kernel=self.ops.decode_attention)
         hidden = self.model(torch.tensor(input_ids, device=dev), ctx.positions, ctx)
         if len(rows) < len(input_ids):
             hidden = hidden[torch.tensor(rows, device=dev)]

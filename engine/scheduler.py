@@ -1,15 +1,15 @@
-"""Continuous batching: which sequences run in the next forward.
+"""Scheduler: which sequences run in the next forward, and the KV pages they hold (it owns the BlockManager).
 
 Grouping rule (documented in README, knobs in `[engine]`): every step each running sequence says which forward it
-needs next: `prefill` (chunked), `ar_decode`, `denoise`, `commit`, `draft` or `verify`, plus its batching key
-(the draft-LoRA flag; `(steps, block_length)` for denoise, `block_length` for commit / draft / verify). Sequences
-with equal (name, key) form a group and the step runs exactly one group: the one whose members waited longest
-(the smallest `last_scheduled`), so groups take turns and no mode starves. Prefill chunks ride along with a causal
-decode group (`ar_decode`, `commit`, `verify`: the same kind of forward, writing K/V) when either is chosen, so a
-newly arrived request does not cost the running ones a forward of their own; the batch is named after the decode
-group. Within a group the longest-waiting
-sequences go first while the query tokens fit `max_num_batched_tokens` (a prefill is chunked to the room left).
-A sequence is never held back for the slowest of its group: each one asks for its own next forward every step.
+needs next: `prefill` (chunked), `ar_decode`, `denoise`, `commit`, `draft` or `verify`, as a `BatchKey` (the
+forward, the draft-LoRA flag, and `steps` / `block_length` where they shape it). Sequences with equal keys form a
+group and the step runs exactly one group: the one whose members waited longest (the smallest `last_scheduled`),
+so groups take turns and no mode starves. Prefill chunks ride along with a causal decode group (`ar_decode`,
+`commit`, `verify`: the same kind of forward, writing K/V) when either is chosen, so a newly arrived request does
+not cost the running ones a forward of their own; the batch is named after the decode group. Within a group the
+longest-waiting sequences go first while the query tokens fit `max_num_batched_tokens` (a prefill is chunked to
+the room left). A sequence is never held back for the slowest of its group: each one asks for its own next
+forward every step.
 
 Admission is FCFS, bounded by `max_num_seqs` and free KV blocks. Before a forward every member gets slots for its
 query tokens; when the pool runs dry the most recently admitted running sequence is preempted (its blocks freed,
@@ -19,30 +19,26 @@ its K/V recomputed later from its tokens), as vLLM's RECOMPUTE.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from engine.decoding import DECODERS, DecodeEnv, ForwardKind, ForwardRequest
+from engine.batch import Batch
+from engine.decoding.base import DecoderContext
+from engine.decoding.registry import DECODERS
+from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.kv_cache import BlockManager
 from engine.sequence import Sequence, SequenceStatus
 
-
-@dataclass
-class Batch:
-    name: str
-    kind: ForwardKind
-    draft_lora: bool
-    seqs: list[Sequence]
-    requests: list[ForwardRequest]
-
-    @property
-    def num_query_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.requests)
+_PREFILL = BatchKey(Forward.PREFILL)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, env: DecodeEnv, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    """The waiting and running queues and the KV pages (`blocks`, handed over by the Engine): `schedule()` picks
+    the next batch and reserves its pages, `commit_kv` / `remove` give pages back."""
+
+    def __init__(self, blocks: BlockManager, ctx: DecoderContext, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
         self.blocks = blocks
-        self.env = env
+        self.ctx = ctx
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -62,6 +58,12 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def commit_kv(self, seq: Sequence, num_kv_kept: int) -> None:
+        """After a causal forward: `num_kv_kept` of the entries it wrote become committed; the pages past them
+        (rejected self_spec drafts) go back to the pool."""
+        seq.num_computed_tokens += num_kv_kept
+        self.blocks.crop(seq, seq.num_computed_tokens)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -80,17 +82,16 @@ class Scheduler:
             tokens = seq.token_ids[seq.num_computed_tokens: seq.prefill_target]
             # prompt logprobs need every row's logits, until the first output token has carried them out
             rows = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
-            return ForwardRequest("prefill", ForwardKind.CAUSAL, tokens, all_logits=rows)
-        return DECODERS[seq.params.mode].next_forward(seq, self.env)
+            return ForwardRequest(_PREFILL, tokens, all_logits=rows)
+        assert seq.params.mode is not None
+        return DECODERS[seq.params.mode].next_forward(seq, self.ctx)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        # a resolved-but-uncommitted diffusion block was already emitted: recompute all of it and sample the
-        # next seed from the prefill's last logit, exactly what its commit forward would have done
-        state = seq.state
-        seq.sample_after_prefill = seq.sample_after_prefill or bool(getattr(state, "resolved", False))
-        seq.state = None
+        assert seq.params.mode is not None
+        owed_sample = DECODERS[seq.params.mode].reset_for_recompute(seq)
+        seq.sample_after_prefill = seq.sample_after_prefill or owed_sample
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -102,33 +103,31 @@ class Scheduler:
         self._admit()
         if not self.running:
             return None
-        groups: dict[tuple, list[tuple[Sequence, ForwardRequest]]] = {}
+        groups: dict[BatchKey, list[tuple[Sequence, ForwardRequest]]] = {}
         for seq in self.running:
             req = self._next_forward(seq)
-            groups.setdefault((req.name, req.kind, req.draft_lora, req.group), []).append((seq, req))
-        key = min(groups, key=lambda k: (min(s.last_scheduled for s, _ in groups[k]), k[0] != "prefill"))
+            groups.setdefault(req.key, []).append((seq, req))
+        key = min(groups, key=lambda k: (min(s.last_scheduled for s, _ in groups[k]), k.forward != Forward.PREFILL))
         members = sorted(groups[key], key=lambda sr: sr[0].last_scheduled)
-        name, kind, lora, _ = key
-        if kind == ForwardKind.CAUSAL and not lora:
+        forward = key.forward
+        if forward.causal and not key.draft_lora:
             # Mixed batch (vLLM-style): prefill chunks and one causal decode group (ar_decode, commit or verify)
             # write K/V the same way, so they share a forward and pay for one pass over the weights instead of two.
             # Decode members go first (a token or a block each), prefill chunks take the room left.
-            if name == "prefill":
-                partners = [k for k in groups if k[1] == ForwardKind.CAUSAL and not k[2] and k[0] != "prefill"]
+            if forward == Forward.PREFILL:
+                partners = [k for k in groups if k.forward.causal and not k.draft_lora and k.forward != Forward.PREFILL]
                 if partners:
                     decode = min(partners, key=lambda k: min(s.last_scheduled for s, _ in groups[k]))
-                    name = decode[0]
+                    forward = decode.forward
                     members = sorted(groups[decode], key=lambda sr: sr[0].last_scheduled) + members
-            else:
-                prefill = next((k for k in groups if k[0] == "prefill"), None)
-                if prefill is not None:
-                    members += sorted(groups[prefill], key=lambda sr: sr[0].last_scheduled)
+            elif _PREFILL in groups:
+                members += sorted(groups[_PREFILL], key=lambda sr: sr[0].last_scheduled)
         chosen: list[tuple[Sequence, ForwardRequest]] = []
         budget = self.max_num_batched_tokens
         for seq, req in members:
             if budget <= 0:
                 break
-            if req.name == "prefill" and len(req.token_ids) > budget:
+            if req.forward == Forward.PREFILL and len(req.token_ids) > budget:
                 req = replace(req, token_ids=req.token_ids[:budget])
             elif len(req.token_ids) > budget and chosen:
                 continue
@@ -139,7 +138,7 @@ class Scheduler:
             return None
         for seq, _ in chosen:
             seq.last_scheduled = self._step
-        return Batch(name, kind, lora, [s for s, _ in chosen], [r for _, r in chosen])
+        return Batch(forward, key.draft_lora, [s for s, _ in chosen], [r for _, r in chosen])
 
     def _reserve_slots(self, chosen: list[tuple[Sequence, ForwardRequest]]) -> list[tuple[Sequence, ForwardRequest]]:
         kept: list[tuple[Sequence, ForwardRequest]] = []

@@ -1,4 +1,5 @@
-"""Per-request types: SamplingParams (what the user asked), Sequence (engine state), RequestOutput (what leaves).
+"""Per-request types: SamplingParams (what the user asked), Sequence (engine state), RequestOutput (what leaves);
+and StepStats, what one engine step reports to the metrics. Torch-free: the server process imports it.
 
 Invariant after prefill, in every mode: `num_computed_tokens == len(token_ids) - 1`. The newest emitted token
 (the seed) is the only one whose K/V is not yet committed; tentative tokens (diffusion blocks being denoised,
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from engine.config import MODES
+from engine.decoding.modes import MODES
+from engine.forward import Forward
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
@@ -145,14 +147,15 @@ class RequestOutput:
 
 @dataclass
 class StepStats:
-    """Counters from one engine step, for /metrics (plain ints; the server accumulates them)."""
+    """Counters from one engine step, for /metrics (plain values; the server accumulates them).
 
-    forward_kind: str | None = None  # prefill | ar_decode | denoise | commit | draft | verify
+    `counters` and `observations` are the decoders' own (`engine.decoding.modes` names them), summed over the
+    step's outcomes by the engine without knowing what they mean."""
+
+    forward_kind: Forward | None = None  # the batch's forward (None when the step ran none)
     batch_size: int = 0
     num_query_tokens: int = 0
     decode_forwards_by_mode: dict[str, int] = field(default_factory=dict)  # mode -> sequences in the forward
-    spec_drafts: int = 0
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0  # excludes the bonus token, as vLLM
-    denoise_steps_per_block: list[int] = field(default_factory=list)  # one entry per finished diffusion block
+    counters: dict[str, int] = field(default_factory=dict)  # name -> sum over the step's outcomes
+    observations: dict[str, list[float]] = field(default_factory=dict)  # name -> every outcome's value, in order
     num_preemptions: int = 0

@@ -10,12 +10,22 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.config import MODES
+from engine.decoding.modes import (
+    COUNTERS,
+    DENOISE_STEPS_PER_BLOCK,
+    MODES,
+    OBSERVATIONS,
+    SPEC_ACCEPTED_TOKENS,
+    SPEC_DRAFT_TOKENS,
+    SPEC_DRAFTS,
+)
+from engine.forward import Forward
 from engine.sequence import StepStats
 
-FORWARD_KINDS = ("prefill", "ar_decode", "denoise", "commit", "draft", "verify")
+FORWARD_KINDS = tuple(f.value for f in Forward)
 FINISH_REASONS = ("stop", "length", "abort")
-REJECT_REASONS = ("queue_full", "queue_tokens", "queue_timeout", "draining", "engine_dead", "body_too_large")
+REJECT_REASONS = ("queue_full", "queue_tokens", "queue_kv", "queue_timeout", "draining", "engine_dead",
+                  "body_too_large")
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80,
                 160, 640, 2560)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
@@ -23,6 +33,13 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STEPS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# the decoders' counters and observations (StepStats.counters / .observations) -> the ServerMetrics attribute of
+# the series each one feeds; checked below so that a new counter without a series stops the import, not a step
+_COUNTER_SERIES = {SPEC_DRAFTS: "spec_drafts", SPEC_DRAFT_TOKENS: "spec_draft_tokens",
+                   SPEC_ACCEPTED_TOKENS: "spec_accepted_tokens"}
+_HISTOGRAM_SERIES = {DENOISE_STEPS_PER_BLOCK: "denoise_steps"}
+if set(_COUNTER_SERIES) != set(COUNTERS) or set(_HISTOGRAM_SERIES) != set(OBSERVATIONS):
+    raise ImportError("server.metrics: every counter and observation in engine.decoding.modes needs one series")
 
 
 class ServerMetrics:
@@ -69,10 +86,12 @@ class ServerMetrics:
                                          ["model_name", "reason"], registry=r)
         self.client_disconnected = Counter(p + "http_requests_client_disconnected",
                                            "Requests whose client went away before the end.", m, registry=r)
+        self.engine_restarts = Counter(p + "engine_restarts", "Engine processes respawned after one died.", m,
+                                       registry=r)
         self.model_name = model_name
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                        self.num_preemptions, self.iteration_tokens, self.spec_drafts, self.spec_draft_tokens,
-                       self.spec_accepted_tokens, self.denoise_steps, self.client_disconnected):
+                       self.spec_accepted_tokens, self.denoise_steps, self.client_disconnected, self.engine_restarts):
             metric.labels(model_name)
         for mode in MODES:
             for metric in (self.prompt_tokens, self.generation_tokens, self.forward_passes, self.ttft, self.itl,
@@ -93,12 +112,12 @@ class ServerMetrics:
             self.iteration_tokens.labels(name).observe(stats.num_query_tokens)
         for mode, count in stats.decode_forwards_by_mode.items():
             self.forward_passes.labels(name, mode).inc(count)
-        if stats.spec_drafts:
-            self.spec_drafts.labels(name).inc(stats.spec_drafts)
-            self.spec_draft_tokens.labels(name).inc(stats.spec_draft_tokens)
-            self.spec_accepted_tokens.labels(name).inc(stats.spec_accepted_tokens)
-        for steps in stats.denoise_steps_per_block:
-            self.denoise_steps.labels(name).observe(steps)
+        for key, amount in stats.counters.items():
+            getattr(self, _COUNTER_SERIES[key]).labels(name).inc(amount)
+        for key, values in stats.observations.items():
+            series = getattr(self, _HISTOGRAM_SERIES[key]).labels(name)
+            for value in values:
+                series.observe(value)
         if stats.num_preemptions:
             self.num_preemptions.labels(name).inc(stats.num_preemptions)
 

@@ -8,6 +8,7 @@ from bench.forwards import main as forwards_main
 from bench.forwards import time_forwards
 from bench.offline import main
 from engine.config import EngineConfig
+from engine.decoding.modes import MODES
 from engine.engine import Engine
 
 
@@ -16,7 +17,7 @@ def test_bench_prints_a_row_per_mode_and_batch_and_writes_json(tiny_ckpt, tmp_pa
     assert main(["--model", str(tiny_ckpt), "--batch-sizes", "1,3", "--max-tokens", "9", "--repeats", "1",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in ("ar", "diffusion", "self_spec") for b in (1, 3)]
+    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in MODES for b in (1, 3)]
     assert all(r["output_tokens"] == 9 * r["batch"] and r["tokens_per_s"] > 0 for r in rows)
     assert capsys.readouterr().out.count("| trimode |") == 6
 
@@ -38,8 +39,8 @@ def test_bench_forwards_times_every_kind_and_leaves_the_cache_as_found(tiny_ckpt
     out = capsys.readouterr().out
     assert out.count("x |") == 5 and "self_spec beats ar at batch 2 only above" in out
     engine = Engine(EngineConfig(model=str(tiny_ckpt), device="cpu", num_kv_tokens=256))
-    free = engine.runner.blocks.num_free_blocks
+    free = engine.num_free_blocks
     time_forwards(engine, 1, 20, 4, 1, calls=1)
-    assert engine.runner.blocks.num_free_blocks == free  # every block it took came back
+    assert engine.num_free_blocks == free  # every block it took came back
     with pytest.raises(ValueError, match="context=300 .* does not fit the KV pool"):
         time_forwards(engine, 1, 300, 4, 1)

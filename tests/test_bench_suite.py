@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.decoding.modes import MODES
 from loadtest import BenchmarkConfig, run_benchmark
 from loadtest.suite.machine import START_CPUS, cpu_plan, machine_info, placed
 from loadtest.suite.modes import crossover, crossover_note, part_modes
@@ -20,7 +21,6 @@ from loadtest.suite.settings import Settings, build_parser, settings_from
 from loadtest.suite.vs_transformers import compare, fold_rounds
 from tests.server_fixtures import live_server, write_served_checkpoint
 
-MODES = ("ar", "diffusion", "self_spec")
 TOP_KEYS = [
     "date", "backend", "base_url", "endpoint", "model_id", "num_prompts", "request_rate", "burstiness",
     "max_concurrency", "tokenize_used", "duration", "completed", "failed", "total_input_tokens",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from engine import cpu_kernels
 from engine.config import EngineConfig
 from engine.cpu_kernels import TORCH_OPS, load_cpu_ops
+from engine.decoding.modes import MODES
 from engine.llm import LLM
 from engine.sequence import SamplingParams
 
@@ -105,7 +106,7 @@ def test_engine_outputs_equal_with_fused_kernels_and_torch_ops(tiny_ckpt):
             for ops in ("fused", "torch")}
     assert llms["fused"].engine.runner.ops.name == "fused" and llms["torch"].engine.runner.ops.name == "torch"
     prompts = [[5 + (i * 7 + j) % 80 for j in range(3 + 9 * i)] for i in range(6)]
-    for mode in ("ar", "diffusion", "self_spec"):
+    for mode in MODES:
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, mode=mode)
         fused, torch_ops = (llms[k].generate(prompts, params) for k in ("fused", "torch"))
         assert [o.token_ids for o in fused] == [o.token_ids for o in torch_ops], mode

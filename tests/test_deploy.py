@@ -22,10 +22,11 @@ import httpx
 import pytest
 import yaml
 
+from engine.decoding.modes import MODES
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "trimode.json"
-MODES = ("ar", "diffusion", "self_spec")
 
 
 # ----------------------------------------------------------------------------------------------------------------

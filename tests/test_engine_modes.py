@@ -5,12 +5,11 @@ import random
 import pytest
 import torch
 
-from engine.decoding import DECODERS
+from engine.decoding.modes import DENOISE_STEPS_PER_BLOCK, MODES, SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
+from engine.forward import Forward
 from engine.sequence import SamplingParams
 from tests.checkpoints import MASK_ID
 from tests.reference import ar_greedy, diffusion_greedy
-
-MODES = list(DECODERS)
 
 
 def ragged_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -26,7 +25,7 @@ def test_paged_ar_logits_equal_full_recompute(tiny_llm):
 
     def spy(batch):
         out = run(batch)
-        if batch.name == "ar_decode":
+        if batch.forward == Forward.AR_DECODE:
             for seq, rows in zip(batch.seqs, out):
                 seen.append((list(seq.token_ids), rows[-1].clone()))
         return out
@@ -60,8 +59,8 @@ def test_paged_logits_of_mixed_prefill_and_decode_batches_equal_full_recompute(t
     def spy(batch):
         nonlocal mixed
         out = run(batch)
-        names = {r.name for r in batch.requests}
-        if {"prefill", "ar_decode"} <= names:
+        forwards = {r.forward for r in batch.requests}
+        if {Forward.PREFILL, Forward.AR_DECODE} <= forwards:
             mixed += 1
             for seq, req, rows in zip(batch.seqs, batch.requests, out):
                 seen.append((list(seq.token_ids[:seq.num_computed_tokens + len(req.token_ids)]), rows[-1].clone()))
@@ -134,7 +133,7 @@ def test_diffusion_steps_equal_block_commits_one_token_per_denoise(tiny_llm):
                                                         ignore_eos=True))[0]
     # 16 tokens = seed + block of 8 (7 denoise steps, 1 commit) + block of 8 minus its seed (7 denoise), no commit
     assert out.num_decode_forwards == 7 + 1 + 7
-    assert eng.last_stats.denoise_steps_per_block == [7]
+    assert eng.last_stats.observations == {DENOISE_STEPS_PER_BLOCK: [7]}
 
 
 def test_diffusion_steps_1_uses_one_denoise_forward_per_block(tiny_llm):
@@ -154,9 +153,9 @@ def test_self_spec_counters_add_up_to_the_output(tiny_llm):
     while eng.has_unfinished():
         for o in eng.step():
             out += o.new_token_ids
-        drafts += eng.last_stats.spec_drafts
-        accepted += eng.last_stats.spec_accepted_tokens
-        draft_tokens += eng.last_stats.spec_draft_tokens
+        drafts += eng.last_stats.counters.get(SPEC_DRAFTS, 0)
+        accepted += eng.last_stats.counters.get(SPEC_ACCEPTED_TOKENS, 0)
+        draft_tokens += eng.last_stats.counters.get(SPEC_DRAFT_TOKENS, 0)
     assert len(out) == 30
     assert 1 + accepted + drafts >= 30  # the last verify may be cut by max_tokens
     assert accepted <= draft_tokens <= 7 * drafts

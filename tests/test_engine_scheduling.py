@@ -5,10 +5,9 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.decoding.modes import MODES
 from engine.llm import LLM
 from engine.sequence import SamplingParams
-
-MODES = ("ar", "diffusion", "self_spec")
 
 
 def _params(mode: str, max_tokens: int) -> SamplingParams:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome, chosen
+from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
+from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.sampling import sample
 from engine.sequence import Sequence
 
+_KEY = BatchKey(Forward.AR_DECODE)
 
-class AR:
-    def next_forward(self, seq: Sequence, env: DecodeEnv) -> ForwardRequest:
-        return ForwardRequest("ar_decode", ForwardKind.CAUSAL, [seq.token_ids[-1]])
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, env: DecodeEnv) -> Outcome:
-        return chosen(sample(logits[-1:], seq.params, seq.generator, env.mask_id), logits[-1:], seq, env,
-                      num_kv_kept=1)
+class AR(Decoder):
+    def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
+        return ForwardRequest(_KEY, [seq.token_ids[-1]])
+
+    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+        return emit_tokens(sample(logits[-1:], seq.params, seq.generator, ctx.mask_id), logits[-1:], seq, ctx,
+                           num_kv_kept=1)

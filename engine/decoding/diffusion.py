@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.decoding import DecodeEnv, ForwardKind, ForwardRequest, Outcome, chosen
+from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
+from engine.decoding.modes import DENOISE_STEPS_PER_BLOCK
+from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.sampling import denoise_pick, sample, token_logprobs
 from engine.sequence import Logprob, Sequence
 
@@ -39,28 +41,28 @@ def commit_count(num_masked: int, steps_left: int, confident: int, threshold: fl
     return min(num_masked, max(1, need, confident))
 
 
-class BlockDiffusion:
-    def next_forward(self, seq: Sequence, env: DecodeEnv) -> ForwardRequest:
+class BlockDiffusion(Decoder):
+    def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
         p = seq.params
         assert p.block_length is not None and p.steps is not None
         if seq.state is None:
-            seq.state = DiffusionState([seq.token_ids[-1]] + [env.mask_id] * (p.block_length - 1))
+            seq.state = DiffusionState([seq.token_ids[-1]] + [ctx.mask_id] * (p.block_length - 1))
         st: DiffusionState = seq.state
         if st.resolved:
-            return ForwardRequest("commit", ForwardKind.CAUSAL, list(st.block), group=(p.block_length,))
-        return ForwardRequest("denoise", ForwardKind.BIDIR, list(st.block), all_logits=True,
-                              draft_lora=env.diffusion_lora, group=(p.steps, p.block_length))
+            return ForwardRequest(BatchKey(Forward.COMMIT, block_length=p.block_length), list(st.block))
+        key = BatchKey(Forward.DENOISE, draft_lora=ctx.diffusion_lora, block_length=p.block_length, steps=p.steps)
+        return ForwardRequest(key, list(st.block), all_logits=True)
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, env: DecodeEnv) -> Outcome:
+    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
         st: DiffusionState = seq.state
-        if req.name == "commit":
+        if req.forward == Forward.COMMIT:
             seq.state = None
-            seed = sample(logits[-1:], seq.params, seq.generator, env.mask_id)
-            return chosen(seed, logits[-1:], seq, env, num_kv_kept=len(req.token_ids))
+            seed = sample(logits[-1:], seq.params, seq.generator, ctx.mask_id)
+            return emit_tokens(seed, logits[-1:], seq, ctx, num_kv_kept=len(req.token_ids))
         p = seq.params
         block = st.block
-        masked = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
-        x0, conf = denoise_pick(logits[masked], p, seq.generator, env.mask_id)  # rows of masked positions
+        masked = [i for i, t in enumerate(block) if t == ctx.mask_id and i > 0]
+        x0, conf = denoise_pick(logits[masked], p, seq.generator, ctx.mask_id)  # rows of masked positions
         confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
         n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
         order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
@@ -68,10 +70,10 @@ class BlockDiffusion:
             block[masked[j]] = int(x0[j])
         if p.logprobs is not None:
             lps = token_logprobs(logits[[masked[j] for j in order]], [int(x0[j]) for j in order], p.logprobs,
-                                 env.mask_id)
+                                 ctx.mask_id)
             st.logprobs.update(zip((masked[j] for j in order), lps))
         st.steps_done += 1
-        remaining = [i for i, t in enumerate(block) if t == env.mask_id and i > 0]
+        remaining = [i for i, t in enumerate(block) if t == ctx.mask_id and i > 0]
         first_stop = next((i for i, t in enumerate(block) if i > 0 and t in seq.stop_ids), None)
         if first_stop is not None and all(i > first_stop for i in remaining):
             st.resolved = True
@@ -81,8 +83,15 @@ class BlockDiffusion:
             return self._emit(st, len(block), p.logprobs is not None)
         return Outcome([])
 
+    def reset_for_recompute(self, seq: Sequence) -> bool:
+        # a resolved block was emitted before its commit forward ran: the recompute covers all of it, and its last
+        # logit gives the next seed, exactly what the commit would have done
+        resolved = isinstance(seq.state, DiffusionState) and seq.state.resolved
+        seq.state = None
+        return resolved
+
     @staticmethod
     def _emit(st: DiffusionState, end: int, with_logprobs: bool) -> Outcome:
         """The resolved block's positions 1 .. end - 1, with the logprobs recorded when each was committed."""
         lps = [st.logprobs[i] for i in range(1, end)] if with_logprobs else None
-        return Outcome(st.block[1:end], denoise_steps=st.steps_done, logprobs=lps)
+        return Outcome(st.block[1:end], logprobs=lps, observations={DENOISE_STEPS_PER_BLOCK: st.steps_done})

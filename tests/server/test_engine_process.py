@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.decoding.modes import MODES
 from tests.server.conftest import engine_config
 from tests.server.helpers import metric, sse_json
 from tests.server_fixtures import live_server
@@ -44,7 +45,7 @@ def _wait_idle(url: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
+@pytest.mark.parametrize("mode", MODES)
 def test_process_engine_answers_exactly_as_the_thread_engine(proc_server: str, server: str, mode: str) -> None:
     body = {**BODY, "mode": mode, "n": 2, "seed": 3}
     got = httpx.post(f"{proc_server}/v1/completions", json=body, timeout=60).json()

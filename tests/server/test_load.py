@@ -7,6 +7,7 @@ import time
 
 import httpx
 
+from engine.decoding.modes import MODES
 from tests.server.helpers import metric, scrape, sse_json
 
 FORWARD_KINDS = ("prefill", "ar_decode", "denoise", "commit", "draft", "verify")
@@ -56,7 +57,7 @@ def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str) 
         singles = after[kind][1] - before[kind][1]
         assert forwards - singles > 0, f"no batch larger than one for {kind}: {forwards} forwards, {singles} single"
     m = scrape(server)
-    for mode in ("ar", "diffusion", "self_spec"):
+    for mode in MODES:
         assert m[("trimode:forward_passes_total", (("mode", mode),))] > 0
         assert m[("trimode:generation_tokens_total", (("mode", mode),))] >= 24
     assert m[("trimode:spec_decode_num_drafts_total", ())] > 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from engine.decoding.modes import MODES
 from tests.server.helpers import sse_json
 
-MODES = ("ar", "diffusion", "self_spec")
 BODY = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
 

@@ -9,11 +9,12 @@ import time
 
 import httpx
 
+from engine.decoding.modes import MODES
 from tests.server.helpers import scrape
 
 
 async def _one(client: httpx.AsyncClient, url: str, rng: random.Random, i: int) -> str:
-    mode = rng.choice(["ar", "diffusion", "self_spec"])
+    mode = rng.choice(MODES)
     body = {"prompt": f"soak {i} " + "x" * rng.randint(0, 40), "max_tokens": rng.randint(1, 24), "mode": mode,
             "temperature": rng.choice([0, 0.7]), "n": rng.choice([1, 1, 2]), "ignore_eos": rng.random() < 0.5}
     if mode != "ar":
