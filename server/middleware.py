@@ -1,9 +1,17 @@
-"""Pure-ASGI guards in front of the app: the request-body limit (413) and the API key on /v1/* (401).
+"""Pure-ASGI guards in front of the app: the request-body limit (413) and the API key (401).
 
-The key is compared as SHA-256 digests with `secrets.compare_digest` (constant time) and is never logged.
-/health, /ready, /metrics, /version and the tokenizer endpoints stay open, as in vLLM. The body guard reads the
-whole body up to the limit before the app sees it, then replays it; later `receive()` calls pass through,
-so the app can still wait for `http.disconnect`.
+With a key set, every path needs `Authorization: Bearer KEY` except OPEN_PATHS, whose callers cannot hold a
+secret and which reveal only state: `/health` and `/ready` for Kubernetes probes and the container HEALTHCHECK
+(a probe's headers are literals in the pod spec or the image, so a guarded probe would publish the key),
+`/metrics` for Prometheus, `/load` for load-aware routers (a count `/metrics` shows anyway), and `/version`.
+`/ready` runs a real one-token forward, so anyone can make the engine do that much; it stays open for the
+probes' sake, and its cost is one token. The rest is guarded by default, so a new route is never open by
+accident: the generation endpoints, `/v1/models`, `/tokenize` and `/detokenize` (they run the tokenizer and the
+chat template on any input), `/docs` and `/openapi.json`. CORS preflights (OPTIONS) pass. The key is compared as
+SHA-256 digests with `secrets.compare_digest` (constant time) and is never logged.
+
+The body guard reads the whole body up to the limit before the app sees it, then replays it; later `receive()`
+calls pass through, so the app can still wait for `http.disconnect`.
 """
 
 from __future__ import annotations
@@ -25,20 +33,31 @@ async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[by
     await send({"type": "http.response.body", "body": payload})
 
 
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/load", "/version"})  # why: the module docstring
+
+
 class APIKeyMiddleware:
+    """401 unless `Authorization: Bearer <api_key>`, on every path but OPEN_PATHS."""
+
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self._digest = hashlib.sha256(api_key.encode()).digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or _route_path(scope) in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        given = auth[7:] if auth.startswith("Bearer ") else ""
-        if not secrets.compare_digest(hashlib.sha256(given.encode()).digest(), self._digest):
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else b""  # the scheme is case-insensitive (RFC 9110)
+        if not secrets.compare_digest(hashlib.sha256(given).digest(), self._digest):
             return await _send_json(send, 401, error_body(401, "Invalid or missing API key."),
                                     [(b"www-authenticate", b"Bearer")])
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: behind a proxy's root_path, the part after it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class BodyLimitMiddleware:
