@@ -27,15 +27,27 @@ from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 from server.serving import APIError, Serving
 
+MAX_REPORTED_ERRORS = 10  # as vLLM; the request models fail fast (protocol.py), so few are ever built
+
+
+def _field_of(err: dict[str, Any], loc: list[str]) -> str | None:
+    """The request field a validation error is about, for the error's `param`."""
+    if err.get("type") == "json_invalid":
+        return None  # its loc is a character offset
+    if loc:
+        return loc[0]
+    named = (err.get("ctx") or {}).get("param")  # a body-level error (protocol.RequestBody) names it here
+    return None if named is None else str(named)
+
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()[:10]
     parts, param = [], None
-    for err in errors:
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if param is None and loc:
-            param = loc[0]
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+        named = _field_of(err, loc)
+        if param is None and named:
+            param = str(named)
+        parts.append(f"{'.'.join(loc) or named or 'body'}: {err.get('msg', 'invalid')}")
     return JSONResponse(error_body(400, "; ".join(parts) or "invalid request", param), 400)
 
 
@@ -63,7 +75,11 @@ async def with_cancellation(request: Request, handler: Awaitable[Response], aeng
 def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     """Build the app over an Engine (run in a thread) or an EngineProcess; the engine loop follows the lifespan."""
     config = config or ServerConfig()
-    aeng = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens)
+    aeng = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens,
+                       max_queued_kv_factor=config.max_queued_kv_factor,
+                       engine_restart_attempts=config.engine_restart_attempts,
+                       engine_restart_backoff=config.engine_restart_backoff, stall_timeout=config.stall_timeout,
+                       ready_cache_seconds=config.ready_cache_seconds)
     metrics = aeng.metrics
     model_name = metrics.model_name
     serving = Serving(aeng, config, metrics, model_name)
@@ -120,16 +136,17 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if aeng.dead is not None:
-            return JSONResponse(error_body(503, "The engine is dead."), 503)
+        problem = aeng.health_problem()  # dead, being respawned, or stalled with work in flight
+        if problem is not None:
+            return JSONResponse(error_body(503, problem), 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if aeng.dead is not None or aeng.draining:
-            why = "The engine is dead." if aeng.dead is not None else "The server is draining."
+        why = aeng.health_problem() or ("The server is draining." if aeng.draining else None)
+        if why is not None:
             return JSONResponse(error_body(503, why), 503)
-        try:
+        try:  # answered by a forward within ready_cache_seconds, or one probe shared by concurrent callers
             await aeng.probe(config.probe_timeout)
         except Exception as exc:
             return JSONResponse(error_body(503, f"probe forward failed: {type(exc).__name__}"), 503)

@@ -3,10 +3,19 @@
 The engine itself runs behind a `server.engine_core.Core`: in a thread of this process (`ThreadCore`, given an
 `Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go out through `Core.send`; each
 engine step comes back as one event, posted onto the event loop with a single `call_soon_threadsafe`; `_dispatch`
-fans the outputs out to per-request asyncio queues, so a slow client never blocks the engine. Admission (sequences
-and tokens in flight) is decided synchronously on the event loop before any response starts, so the slot is
-reserved atomically. A "dead" event (the loop or the process ended) fails every open request with
-`EngineDeadError` and `dead` stays set; a "fail_requests" event fails only the requests of one failed forward.
+fans the outputs out to per-request asyncio queues, so a slow client never blocks the engine. Admission (sequences,
+tokens and worst-case KV pages in flight, `server.admission`) is decided synchronously on the event loop before any
+response starts, so the slot is reserved atomically. A "fail_requests" event fails only the requests of one failed
+forward.
+
+Death: a "dead" event (the loop or the process ended) fails every open request with `EngineDeadError`, zeroes the
+gauges, and sets `dead` (/health 503). A core that can `respawn` (an `EngineProcess`) is respawned with backoff,
+up to `engine_restart_attempts` times in a row (the count restarts once a respawned engine completes a forward);
+then `dead` clears. A `ThreadCore` cannot be: an exception that escaped its loop leaves the Engine's state
+unknown, and a thread cannot be killed. When no respawn is left the engine is lost: `engine_lost` is set and
+`on_engine_lost` is called (`trimode serve` then exits 1, for a supervisor to restart the server); an embedder
+without the hook (create_app in-process, the tests) keeps answering 503. Stalls and readiness are judged from
+event times (`server.liveness`).
 """
 
 from __future__ import annotations
@@ -15,14 +24,19 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sequence import RequestOutput, SamplingParams, StepStats
+from server import admission
 from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
+from server.liveness import EngineWatch
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("trimode.server")
+
+DEADLINE_BACKSTOP_S = 1.0  # seconds past a deadline after which the async side ends a request the engine did not
 
 
 class EngineDeadError(RuntimeError):
@@ -55,6 +69,7 @@ class SeqTrack:
     num_output_tokens: int = 0
     num_forwards: int = 0
     num_decode_forwards: int = 0
+    decoded: str | None = None  # auto: iterations by choice, from the engine's last output
 
 
 class Generation:
@@ -83,11 +98,16 @@ class Generation:
             self.abort_unfinished(push=False)
             raise exc
         while True:
-            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            # the engine loop owns deadlines (server.engine_core: it aborts due requests before every step and
+            # sends "expired", whether or not anyone reads); this is only the backstop for an engine that is stuck
+            # (a step, or a hung engine process, outliving the deadline by DEADLINE_BACKSTOP_S), so that the client
+            # still gets its answer
+            timeout = None if self.deadline is None else \
+                max(0.0, self.deadline + DEADLINE_BACKSTOP_S - time.monotonic())
             try:
                 index, item = await asyncio.wait_for(self.queue.get(), timeout)
             except asyncio.TimeoutError:
-                self.abort_unfinished()  # deadline: every open choice ends with finish_reason "abort"
+                self.abort_unfinished()  # every open choice ends with finish_reason "abort"
                 self.deadline = None
                 continue
             if isinstance(item, BaseException):
@@ -116,14 +136,24 @@ class Generation:
 
     def abort_unfinished(self, push: bool = True) -> None:
         """Abort every open choice; with `push`, each gets a final output with finish_reason "abort"."""
-        for index, track in enumerate(self.tracks):
-            if track.finish_reason is None:
-                self.owner._send(Abort(track.request_id))
-                self.owner._finish_track(self, track, "abort")
-                if push:
-                    self.queue.put_nowait((index, RequestOutput(
-                        track.request_id, [], "abort", None, track.num_prompt_tokens, track.num_output_tokens,
-                        track.num_forwards, track.num_decode_forwards, track.mode)))
+        for index in range(len(self.tracks)):
+            self._abort(index, push, tell_engine=True)
+
+    def expire(self, index: int) -> None:
+        """The engine aborted this choice at the request's deadline: it ends with finish_reason "abort"."""
+        self._abort(index, push=True, tell_engine=False)
+
+    def _abort(self, index: int, push: bool, tell_engine: bool) -> None:
+        track = self.tracks[index]
+        if track.finish_reason is not None:
+            return
+        if tell_engine:
+            self.owner._send(Abort(track.request_id))
+        self.owner._finish_track(self, track, "abort")
+        if push:
+            self.queue.put_nowait((index, RequestOutput(
+                track.request_id, [], "abort", None, track.num_prompt_tokens, track.num_output_tokens,
+                track.num_forwards, track.num_decode_forwards, track.mode)))
 
     def close(self) -> None:
         """Release everything (idempotent): called when the handler ends, normally or cancelled."""
@@ -140,8 +170,15 @@ class AsyncEngine:
     served_model_name: str | None = None
     max_queued_requests: int = 256
     max_queued_tokens: int = 1 << 20
+    max_queued_kv_factor: float = 1.0  # admitted worst-case KV pages, as a multiple of the pool (server.admission)
+    engine_restart_attempts: int = 3  # respawns in a row of a dead engine process; then the engine is lost
+    engine_restart_backoff: float = 1.0  # seconds before the first respawn, doubling with each one after
+    stall_timeout: float | None = 60.0  # /health 503 after this long without an engine event while work is in flight
+    ready_cache_seconds: float = 5.0  # a forward this recent answers readiness without a probe
+    on_engine_lost: Callable[[], None] | None = None  # called once when no respawn is left
     dead: BaseException | None = None
     draining: bool = False
+    engine_lost: bool = False
     snapshot: Snapshot = field(default_factory=Snapshot)
 
     def __post_init__(self) -> None:
@@ -154,6 +191,13 @@ class AsyncEngine:
         self._generations: set[Generation] = set()
         self._queued_seqs = 0
         self._queued_tokens = 0
+        self._queued_pages = 0
+        self._gen_pages: dict[Generation, int] = {}  # KV pages each admitted generation reserved
+        self.watch = EngineWatch(self.stall_timeout, self.ready_cache_seconds)
+        self._probe_task: asyncio.Future | None = None  # the readiness probe every concurrent caller awaits
+        self._recovery: asyncio.Task | None = None
+        self._restarts_in_a_row = 0
+        self.restarting: str | None = None  # "attempt i of n" while a respawn is under way
 
     # ---- read-only facts (safe from the event loop: no engine state is mutated) ----------------------------
     @property
@@ -185,7 +229,21 @@ class AsyncEngine:
         self.core.start(self._on_event)
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
         self.core.stop(timeout)
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve now (/health 503), or None: dead, being respawned, or stalled."""
+        if self.dead is not None:
+            if self.restarting is not None:
+                return f"The engine died and is being restarted ({self.restarting})."
+            return "The engine is dead."
+        silent = self.watch.stalled_for(bool(self._generations or self._probes))
+        if silent is not None:
+            return (f"The engine has not stepped for {silent:.0f}s with {len(self._generations)} request(s) in "
+                    f"flight (stall_timeout {self.stall_timeout:g}s).")
+        return None
 
     # ---- requests -------------------------------------------------------------------------------------------
     def generate(self, request_id: str, prompts: list[tuple[list[int], SamplingParams]],
@@ -199,27 +257,65 @@ class AsyncEngine:
         if self.draining:
             raise Overloaded("draining", "The server is shutting down.")
         num_tokens = sum(len(ids) + params.max_tokens for ids, params in prompts)
+        policy = getattr(self.engine, "policy", None)  # an Engine's or an EngineProcess's; test fakes have none
+        pages, bound = 0, 0
+        if policy is not None:
+            if why := admission.never_fits(policy, self.max_queued_kv_factor, prompts):
+                return self._refused(request_id, prompts, why)
+            pages, bound = admission.request_pages(policy, prompts), admission.bound_pages(
+                policy, self.max_queued_kv_factor)
         if self._queued_seqs + len(prompts) > self.max_queued_requests:
             raise Overloaded("queue_full", "The server is overloaded: too many requests queued; retry later.")
         if self._queued_tokens + num_tokens > self.max_queued_tokens:
             raise Overloaded("queue_tokens", "The server is overloaded: too many tokens queued; retry later.")
+        if policy is not None and self._queued_pages + pages > bound:
+            raise Overloaded("queue_kv", f"The server is overloaded: the requests in flight may need "
+                             f"{self._queued_pages} of the {bound} KV pages it admits, and this one {pages}; "
+                             f"retry later.")
+        self.watch.work_arrived(bool(self._generations or self._probes))
         now = time.monotonic()
         tracks = [SeqTrack(f"{request_id}-{i}", params.mode or "ar", len(ids), now)
                   for i, (ids, params) in enumerate(prompts)]
         gen = Generation(self, request_id, tracks, num_tokens, None if timeout is None else now + timeout)
         self._queued_seqs += len(prompts)
         self._queued_tokens += num_tokens
+        self._queued_pages += pages
+        self._gen_pages[gen] = pages
         self._generations.add(gen)
         for index, (track, (ids, params)) in enumerate(zip(tracks, prompts, strict=True)):
             self._tracks[track.request_id] = (gen, index)
             self.metrics.prompt_tokens.labels(self.metrics.model_name, track.mode).inc(len(ids))
-            self._send(Add(track.request_id, ids, params, now))
+            self._send(Add(track.request_id, ids, params, now, gen.deadline))
+        return gen
+
+    def _refused(self, request_id: str, prompts: list[tuple[list[int], SamplingParams]], why: str) -> Generation:
+        """A request that can never be admitted: nothing is reserved or sent, and the first `next()` raises
+        ValueError(why), the error of an Add the engine refused, which the serving layer answers with a 400."""
+        now = time.monotonic()
+        tracks = [SeqTrack(f"{request_id}-{i}", params.mode or "ar", len(ids), now, finish_reason="abort")
+                  for i, (ids, params) in enumerate(prompts)]
+        gen = Generation(self, request_id, tracks, 0, None)
+        gen.released = True
+        gen.queue.put_nowait((0, ValueError(why)))
         return gen
 
     async def probe(self, timeout: float) -> None:
-        """A real one-token forward on the engine (readiness); raises on failure or timeout."""
+        """Readiness: a real one-token forward on the engine; raises on failure or timeout.
+
+        A forward that completed within `ready_cache_seconds` (a step or a probe) answers without a new one, and
+        concurrent callers share one probe in flight, so a burst of readiness checks costs at most one forward."""
         if self.dead is not None:
             raise EngineDeadError("the engine is dead")
+        if self.watch.ready_cached():
+            return
+        if self._probe_task is None or self._probe_task.done():
+            self.watch.work_arrived(bool(self._generations or self._probes))
+            self._probe_task = asyncio.ensure_future(self._probe_once(timeout))
+            # retrieved here so that a probe whose callers all went away logs no "never retrieved" error
+            self._probe_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(self._probe_task)  # a caller that goes away does not cancel the others' probe
+
+    async def _probe_once(self, timeout: float) -> None:
         assert self._loop is not None
         probe_id = next(self._probe_ids)
         fut = self._probes[probe_id] = self._loop.create_future()
@@ -262,11 +358,12 @@ class AsyncEngine:
             self._generations.discard(gen)
             self._queued_seqs -= len(gen.tracks)
             self._queued_tokens -= gen.num_tokens
+            self._queued_pages -= self._gen_pages.pop(gen, 0)
             first = [t.first_token for t in gen.tracks if t.first_token is not None]
             log.info(
-                "request_finished id=%s mode=%s n=%d prompt_tokens=%d output_tokens=%d forwards=%d "
+                "request_finished id=%s mode=%s decoded=%s n=%d prompt_tokens=%d output_tokens=%d forwards=%d "
                 "decode_forwards=%d finish_reasons=%s ttft_s=%s latency_s=%.4f",
-                gen.request_id, gen.tracks[0].mode, len(gen.tracks),
+                gen.request_id, gen.tracks[0].mode, ";".join(t.decoded or t.mode for t in gen.tracks), len(gen.tracks),
                 sum(t.num_prompt_tokens for t in gen.tracks), sum(t.num_output_tokens for t in gen.tracks),
                 sum(t.num_forwards for t in gen.tracks), sum(t.num_decode_forwards for t in gen.tracks),
                 ",".join(str(t.finish_reason) for t in gen.tracks),
@@ -288,6 +385,7 @@ class AsyncEngine:
             track = gen.tracks[index]
             track.num_output_tokens = out.num_output_tokens
             track.num_forwards, track.num_decode_forwards = out.num_forwards, out.num_decode_forwards
+            track.decoded = out.decoded or track.decoded
             if out.new_token_ids:
                 self.metrics.generation_tokens.labels(name, out.mode).inc(len(out.new_token_ids))
                 if track.first_token is None:
@@ -317,6 +415,14 @@ class AsyncEngine:
         for request_id in request_ids:
             self._push_error(request_id, RequestFailedError(f"the forward pass failed: {message}"))
 
+    def _expired(self, request_ids: list[str], snapshot: Snapshot) -> None:
+        """Requests the engine aborted at their deadline (their KV is already free): each ends with "abort"."""
+        self.snapshot = snapshot
+        for request_id in request_ids:
+            entry = self._tracks.get(request_id)
+            if entry is not None:  # else: already ended on this side (a stop string, the client went away)
+                entry[0].expire(entry[1])
+
     def _probe_done(self, probe_id: int, error: str | None) -> None:
         fut = self._probes.get(probe_id)
         if fut is not None and not fut.done():
@@ -330,19 +436,63 @@ class AsyncEngine:
             return  # the loop reported its death, then the process exit is reported too
         err = EngineDeadError(f"the engine died: {reason}")
         self.dead = err
+        self.snapshot = Snapshot()  # nothing runs or waits in a dead engine: the gauges read 0, not their last
+        self.watch.engine_replaced()
         for gen in list(self._generations):
             gen.queue.put_nowait((-1, err))
+            # the engine holds nothing of them any more: their admission is released now, not when their handlers
+            # get round to the error, so a respawned engine starts with none of them counted as its work
+            for track in gen.tracks:
+                if track.finish_reason is None:
+                    self._finish_track(gen, track, "abort")
         for fut in self._probes.values():
             if not fut.done():
                 fut.set_exception(err)
+        self._recovery = asyncio.ensure_future(self._recover(reason))
+
+    async def _recover(self, reason: str) -> None:
+        """Respawn the engine with backoff while attempts are left (see the module docstring); else lose it."""
+        respawn = getattr(self.core, "respawn", None)  # EngineProcess only
+        attempts = self.engine_restart_attempts
+        while respawn is not None and not self.draining and self._restarts_in_a_row < attempts:
+            delay = self.engine_restart_backoff * 2 ** min(self._restarts_in_a_row, 8)
+            self._restarts_in_a_row += 1
+            self.restarting = f"attempt {self._restarts_in_a_row} of {attempts}"
+            log.warning("engine died (%s): respawning in %.1fs (%s)", reason, delay, self.restarting)
+            await asyncio.sleep(delay)
+            if self.draining:
+                break
+            try:
+                await asyncio.to_thread(respawn)
+            except Exception as exc:  # noqa: BLE001 - a failed load is one attempt spent, not the server's end
+                log.error("engine respawn failed (%s): %s: %s", self.restarting, type(exc).__name__, exc)
+                reason = f"respawn failed: {type(exc).__name__}"
+                continue
+            self.watch.engine_replaced()
+            self.core.start(self._on_event)
+            self.dead, self.restarting = None, None
+            self.metrics.engine_restarts.labels(self.metrics.model_name).inc()
+            log.warning("engine respawned; serving again")
+            return
+        self.restarting = None
+        self.engine_lost = True
+        log.critical("the engine is lost (%s); %s", reason, "no respawn is possible for an in-process engine"
+                     if respawn is None else f"{self._restarts_in_a_row} respawn(s) in a row used")
+        if self.on_engine_lost is not None:
+            self.on_engine_lost()
 
     _EVENTS = {"outputs": "_dispatch", "fail_request": "_fail_request", "fail_requests": "_fail_requests",
-               "probe": "_probe_done", "dead": "_fail_all"}
+               "expired": "_expired", "probe": "_probe_done", "dead": "_fail_all"}
 
     def _on_event(self, name: str, *args: Any) -> None:
         """Called by the core's thread for every event: hop onto the event loop."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(getattr(self, self._EVENTS[name]), *args)
+            self._loop.call_soon_threadsafe(self._on_loop, name, args)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
+
+    def _on_loop(self, name: str, args: tuple[Any, ...]) -> None:
+        if self.watch.on_event(name, args):
+            self._restarts_in_a_row = 0  # this engine ran a forward: a later death starts a fresh run of attempts
+        getattr(self, self._EVENTS[name])(*args)

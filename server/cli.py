@@ -4,6 +4,7 @@
 `--server.KEY VALUE` overrides (every field of EngineConfig / ServerConfig, listed in `--help` with its default
 and meaning), loads the engine and runs uvicorn. SIGTERM/SIGINT drains: readiness and new requests answer 503,
 in-flight requests get up to `shutdown_timeout` seconds, then the process exits 0. A second signal exits at once.
+An engine that dies and cannot be respawned (`engine_restart_attempts` used in a row) makes the process exit 1.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger("trimode.server")
 
 NAMED = {  # flag -> (table, key)
     "model": ("engine", "model"), "host": ("server", "host"), "port": ("server", "port"),
-    "api_key": ("server", "api_key"), "log_level": ("server", "log_level"),
+    "api_key": ("server", "api_key"), "api_key_file": ("server", "api_key_file"), "log_level": ("server", "log_level"),
     "served_model_name": ("server", "served_model_name"), "shutdown_timeout": ("server", "shutdown_timeout"),
 }
 
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000)")
     serve.add_argument("--api-key", default=os.environ.get("TRIMODE_API_KEY") or None,
-                       help="require 'Authorization: Bearer KEY' on /v1/* (env TRIMODE_API_KEY)")
+                       help="require 'Authorization: Bearer KEY' on all but /health /ready /metrics /load /version; "
+                       "prefer env TRIMODE_API_KEY or --api-key-file: a flag's value shows in `ps`")
+    serve.add_argument("--api-key-file", metavar="PATH",
+                       help="read the API key from this file (its one line; e.g. a mounted Docker/Kubernetes secret)")
     serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
@@ -143,10 +147,9 @@ def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: CpuPla
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
-    from server.drain import DrainingServer
+    from server.drain import make_server
+    from server.middleware import OPEN_PATHS
 
     try:
         engine_cfg, server_cfg = load_config(args.config, overrides_from(args))
@@ -164,11 +167,11 @@ def serve(args: argparse.Namespace) -> int:
     aeng = app.state.aeng
     log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", aeng.metrics.model_name,
              aeng.max_model_len, server_cfg.host, server_cfg.port,
-             "required on /v1/*" if server_cfg.api_key else "off", server_cfg)
-    config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
-                            access_log=server_cfg.log_level == "debug", lifespan="on")
-    DrainingServer(config, aeng, server_cfg.shutdown_timeout).run()
-    return 0
+             "required except on " + " ".join(sorted(OPEN_PATHS)) if server_cfg.api_key else "off", server_cfg)
+    server = make_server(app, server_cfg, aeng)
+    aeng.on_engine_lost = lambda: setattr(server, "should_exit", True)  # no respawn left: exit for a supervisor
+    server.run()
+    return 1 if aeng.engine_lost else 0
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -190,7 +193,7 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from engine.bench import main as bench_main
+        from bench.offline import main as bench_main
 
         return bench_main(argv[1:])
     if argv and argv[0] == "loadtest":

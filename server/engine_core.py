@@ -1,13 +1,15 @@
 """The engine loop apart from how it is reached: commands in, events out, over a thread or a process.
 
 `run_engine_loop` drains the commands (Add | Abort | Probe | Stop) before every step, blocks on them only while
-the engine is idle, runs one `Engine.step()` and emits one event per step. Events are plain picklable tuples
-`(name, *args)`:
+the engine is idle (waking for the nearest request deadline), expires the requests whose deadline has passed,
+runs one `Engine.step()` and emits one event per step. Events are plain picklable tuples `(name, *args)`:
 
 - `("outputs", outputs, stats, step_seconds, snapshot)` once per step (and once when the engine goes idle);
 - `("fail_request", request_id, message)` when an Add is refused (a ValueError from the engine);
 - `("fail_requests", request_ids, message, snapshot)` when one forward failed (an exception carrying
   `request_ids`): those requests are aborted and the loop goes on;
+- `("expired", request_ids, snapshot)` when requests reached their deadline (`Add.deadline`): they are aborted
+  in the engine (KV freed) before the next step, whether or not anyone is reading their outputs;
 - `("probe", probe_id, error_or_None)` after a readiness probe forward;
 - `("dead", reason)` when anything else escapes: the loop ends.
 
@@ -18,6 +20,7 @@ event loop). The asyncio side (`server.async_engine`) only ever sees `Core`.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
@@ -38,6 +41,10 @@ class Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    # absolute time.monotonic() after which the engine aborts the request; None = no deadline. Valid in the engine
+    # process too: time.monotonic() is CLOCK_MONOTONIC, one system-wide clock on Linux (mach_absolute_time on
+    # macOS is system-wide as well), not a per-process one
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -57,7 +64,9 @@ class Stop:
 
 Command = Add | Abort | Probe | Stop
 Emit = Callable[..., None]  # emit(event_name, *args)
-GetCommand = Callable[[bool], "Command | None"]  # get(block): the next command; None when not blocking and none
+# get(block, timeout): the next command; None when none came (not blocking, or blocking for `timeout` seconds;
+# timeout None blocks until one comes)
+GetCommand = Callable[[bool, "float | None"], "Command | None"]
 
 
 @dataclass(slots=True)
@@ -71,15 +80,60 @@ def _snapshot(engine: Any) -> Snapshot:
     return Snapshot(engine.num_running, engine.num_waiting, float(engine.kv_cache_usage))
 
 
-def _apply(engine: Any, cmd: Command, emit: Emit) -> bool:
+class Deadlines:
+    """The engine's requests that have a deadline: a dict for membership, a heap (with stale entries skipped) for
+    the nearest one."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def add(self, request_id: str, deadline: float) -> None:
+        self._at[request_id] = deadline
+        heapq.heappush(self._heap, (deadline, request_id))
+
+    def discard(self, request_id: str) -> None:
+        if self._at.pop(request_id, None) is not None and len(self._heap) > 2 * len(self._at) + 64:
+            self._heap = [(d, r) for d, r in self._heap if self._at.get(r) == d]  # finished ones: bounded memory
+            heapq.heapify(self._heap)
+
+    def _prune(self) -> None:
+        while self._heap and self._at.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+
+    def pop_due(self, now: float) -> list[str]:
+        """Remove and return the requests whose deadline is at or before `now`."""
+        due = []
+        self._prune()
+        while self._heap and self._heap[0][0] <= now:
+            _, request_id = heapq.heappop(self._heap)
+            del self._at[request_id]
+            due.append(request_id)
+            self._prune()
+        return due
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until the nearest deadline (0 if one has passed); None when there is none."""
+        self._prune()
+        return max(0.0, self._heap[0][0] - now) if self._heap else None
+
+
+def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
     """Apply one command; False means stop."""
     if isinstance(cmd, Add):
         try:
             engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
         except ValueError as exc:
             emit("fail_request", cmd.request_id, str(exc))
+        else:
+            if cmd.deadline is not None:
+                deadlines.add(cmd.request_id, cmd.deadline)
     elif isinstance(cmd, Abort):
         engine.abort_request(cmd.request_id)
+        deadlines.discard(cmd.request_id)
     elif isinstance(cmd, Probe):
         try:
             engine.probe()
@@ -91,18 +145,34 @@ def _apply(engine: Any, cmd: Command, emit: Emit) -> bool:
     return True
 
 
+def _expire(engine: Any, deadlines: Deadlines, emit: Emit) -> None:
+    """Abort (freeing their KV) the requests whose deadline has passed, and report them."""
+    due = deadlines.pop_due(time.monotonic())
+    if due:
+        for request_id in due:
+            engine.abort_request(request_id)
+        emit("expired", due, _snapshot(engine))
+
+
 def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
-    """Serve commands and step the engine until Stop; an unexpected exception emits "dead" and returns."""
+    """Serve commands and step the engine until Stop; an unexpected exception emits "dead" and returns.
+
+    Deadlines are enforced here, not where outputs are read, so a request whose client stopped reading still
+    ends on time and frees its KV: due requests are expired before every step, and an idle wait wakes up for
+    the nearest deadline."""
+    deadlines = Deadlines()
     try:
         while True:
             if not engine.has_unfinished():
                 emit("outputs", [], None, 0.0, _snapshot(engine))
-                cmd = get(True)
-                if cmd is None or not _apply(engine, cmd, emit):
+                cmd = get(True, deadlines.wait(time.monotonic()))
+                if cmd is not None and not _apply(engine, cmd, emit, deadlines):
                     return
-            while (cmd := get(False)) is not None:
-                if not _apply(engine, cmd, emit):
+            while (cmd := get(False, None)) is not None:
+                if not _apply(engine, cmd, emit, deadlines):
                     return
+            if deadlines:
+                _expire(engine, deadlines, emit)
             if not engine.has_unfinished():
                 continue
             t0 = time.monotonic()
@@ -117,8 +187,13 @@ def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
                 log.error("forward failed for %d request(s): %s", len(failed), exc)
                 for request_id in failed:
                     engine.abort_request(request_id)
+                    deadlines.discard(request_id)
                 emit("fail_requests", list(failed), str(exc), _snapshot(engine))
                 continue
+            if deadlines:
+                for out in outputs:
+                    if out.finish_reason is not None:
+                        deadlines.discard(out.request_id)
             emit("outputs", outputs, engine.last_stats, time.monotonic() - t0, _snapshot(engine))
     except Exception as exc:
         log.exception("engine loop died")
@@ -177,11 +252,9 @@ class ThreadCore(Core):
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check_request(prompt_token_ids, params)
 
-    def _get(self, block: bool) -> Command | None:
-        if block:
-            return self._inbox.get()
+    def _get(self, block: bool, timeout: float | None = None) -> Command | None:
         try:
-            return self._inbox.get_nowait()
+            return self._inbox.get(block, timeout)
         except queue.Empty:
             return None
 

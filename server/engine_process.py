@@ -14,7 +14,9 @@ runs `run_engine_loop`. The parent loads only the tokenizer and validates reques
 Lifetime: the child starts its own session, so a signal sent to the server's process group (Ctrl-C in a
 terminal, `kill -TERM -PGID`) reaches only the server, which drains and then stops the child with Stop (SIGKILL
 after a timeout). If the server process dies, the child sees its command pipe close and exits. If the child
-dies, the reader sees the event pipe close and emits "dead", so every open request fails and /health says 503.
+dies, the reader sees the event pipe close and emits "dead", so every open request fails and /health says 503;
+the server then calls `respawn` (with backoff, `server.async_engine`), which starts a fresh child with fresh
+pipes: commands sent to the dead one are dropped, and the new one is clean.
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
         return
     emit("ready", engine.policy, path)
 
-    def get(block: bool) -> Command | None:
+    def get(block: bool, timeout: float | None = None) -> Command | None:
         try:
-            if block or commands.poll():
+            # poll(None) waits without limit; poll(timeout) lets the loop wake for the nearest request deadline
+            if commands.poll(timeout if block else 0):
                 return commands.recv()
         except (EOFError, OSError):
             return Stop()  # the server process is gone
@@ -87,6 +90,20 @@ class EngineProcess(Core):
                  cpus: tuple[int, ...] | None = None) -> None:
         if cpus and config.num_threads is None:
             config = replace(config, num_threads=len(cpus))
+        self._spawn_args = (config, log_level, cpus)
+        self._startup_timeout = startup_timeout
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        path = self._spawn()
+        from engine.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
+        self.model_name = self.policy.model_name
+        self.max_model_len = self.policy.max_model_len
+
+    def _spawn(self) -> str:
+        """Start a child on fresh pipes and wait until its model is loaded; returns the model path."""
+        config, log_level, cpus = self._spawn_args
         ctx = mp.get_context("spawn")
         child_commands, self._commands = ctx.Pipe(duplex=False)
         self._events, child_events = ctx.Pipe(duplex=False)
@@ -96,25 +113,39 @@ class EngineProcess(Core):
         child_commands.close()
         child_events.close()
         self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._stopping = False
         try:
-            self.policy, path = self._wait_ready(startup_timeout)
+            self.policy, path = self._wait_ready(self._startup_timeout)
         except BaseException:
             self._kill()
             self._commands.close()
             self._events.close()
             raise
-        from engine.tokenizer import load_tokenizer
+        log.info("engine process %d ready (%s)", self.proc.pid, self.policy.model_name)
+        return path
 
-        self.tokenizer = load_tokenizer(path)
-        self.model_name = self.policy.model_name
-        self.max_model_len = self.policy.max_model_len
-        log.info("engine process %d ready (%s)", self.proc.pid, self.model_name)
+    def respawn(self) -> None:
+        """Replace a dead child with a fresh one (blocking while the model loads); raises what loading raised.
+
+        Call `start` afterwards. What the old child held is gone; commands queued for it are dropped."""
+        if self._stopping:
+            raise RuntimeError("the engine process is stopping")
+        self._outbox.put(None)  # the old writer ends (if it has not already, on the closed pipe)
+        self._kill()  # a child whose loop died may still be exiting
+        for t in self._threads:  # the reader saw EOF when the child died, and reported it
+            t.join(5)
+        self._threads = []
+        self._commands.close()
+        self._events.close()
+        self._spawn()
+        if self._stopping:  # stop() ran while the model loaded and may have missed this child
+            self._kill()
+            raise RuntimeError("the engine process was stopped while respawning")
 
     def _wait_ready(self, timeout: float) -> tuple[RequestPolicy, str]:
         deadline = time.monotonic() + timeout
         while not self._events.poll(0.2):
+            if self._stopping:  # stop() during a respawn: the server is going away, the model need not load
+                raise RuntimeError("the engine process was stopped while loading")
             if not self.proc.is_alive():
                 raise RuntimeError(f"the engine process exited while loading (exit code {self.proc.exitcode})")
             if time.monotonic() > deadline:
@@ -138,33 +169,36 @@ class EngineProcess(Core):
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def start(self, emit: Emit) -> None:
-        self._threads = [threading.Thread(target=self._read, args=(emit,), name="trimode-engine-events",
-                                          daemon=True),
-                         threading.Thread(target=self._write, name="trimode-engine-commands", daemon=True)]
+        # each thread keeps the child and the pipes it started with: after a respawn they are another child's
+        self._threads = [threading.Thread(target=self._read, args=(emit, self.proc, self._events),
+                                          name="trimode-engine-events", daemon=True),
+                         threading.Thread(target=self._write, args=(self._outbox, self._commands),
+                                          name="trimode-engine-commands", daemon=True)]
         for t in self._threads:
             t.start()
 
     def send(self, cmd: Command) -> None:
         self._outbox.put(cmd)
 
-    def _write(self) -> None:
-        while (cmd := self._outbox.get()) is not None:
+    @staticmethod
+    def _write(outbox: queue.SimpleQueue[Command | None], commands: Connection) -> None:
+        while (cmd := outbox.get()) is not None:
             try:
-                self._commands.send(cmd)
+                commands.send(cmd)
             except OSError:
                 return  # the child is gone; the reader reports it
 
-    def _read(self, emit: Emit) -> None:
+    def _read(self, emit: Emit, proc: Any, events: Connection) -> None:
         while True:
             try:
-                msg = self._events.recv()
+                msg = events.recv()
             except (EOFError, OSError):
                 break
             emit(*msg)
         if not self._stopping:
-            self.proc.join(5)
-            log.error("the engine process exited (exit code %s)", self.proc.exitcode)
-            emit("dead", f"the engine process exited (exit code {self.proc.exitcode})")
+            proc.join(5)
+            log.error("the engine process exited (exit code %s)", proc.exitcode)
+            emit("dead", f"the engine process exited (exit code {proc.exitcode})")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child (Stop, then SIGKILL after `timeout`) and the two threads."""

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from engine.sequence import MAX_LOGPROBS, RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
@@ -32,6 +34,8 @@ PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_tok
 CONTEXT_ERROR = "This model's maximum context length"
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
+
+log = logging.getLogger("trimode.server")
 
 
 class APIError(Exception):
@@ -57,16 +61,60 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+if sys.version_info >= (3, 11):
+    async def _within(awaitable: Awaitable[None], seconds: float) -> None:
+        async with asyncio.timeout(seconds):  # a timer, not a task per send (the hot path of every stream)
+            await awaitable
+else:  # pragma: no cover
+    async def _within(awaitable: Awaitable[None], seconds: float) -> None:
+        await asyncio.wait_for(awaitable, seconds)
+
+
+class _WriteTimeout(Exception):
+    """One send of the stream waited write_timeout seconds: the client has stopped reading."""
+
+
 class SSEResponse(StreamingResponse):
     """text/event-stream that always races the body against http.disconnect (whatever the ASGI spec version),
-    so a vanished client cancels the body iterator at once."""
+    so a vanished client cancels the body iterator at once.
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    Each send is bounded by `write_timeout`: a send blocks only while the transport's buffers are full, i.e. the
+    client has stopped reading, and then the stream ends as on a disconnect (the body iterator is closed, which
+    aborts the request in the engine and counts a client disconnect; `on_end` runs in any case). The connection
+    itself is left to the connection layer: an ASGI app cannot abort its transport, and returning would let uvicorn
+    `close()` it, which waits for the unread bytes (and keeps server.http_protocol's write deadline, which
+    aborts it, from firing), so the response waits for the disconnect that deadline causes."""
+
+    def __init__(self, content: AsyncIterator[bytes], write_timeout: float | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.write_timeout = write_timeout
+        self.on_end = on_end
+
+    async def _send_within(self, send: Send, message: Message) -> None:
+        if self.write_timeout is None:
+            await send(message)
+            return
+        try:
+            await _within(send(message), self.write_timeout)
+        except asyncio.TimeoutError:
+            raise _WriteTimeout from None
+
+    async def _end_body(self) -> None:
+        """Close the body iterator now (not at garbage collection): a generator left at a `yield` (its send was
+        cancelled) runs its cleanup, which aborts the request."""
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if self.on_end is not None:
+            self.on_end()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.ensure_future(self.stream_response(send))
+        async def bounded_send(message: Message) -> None:
+            await self._send_within(send, message)
+
+        task = asyncio.ensure_future(self.stream_response(bounded_send))
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -75,10 +123,15 @@ class SSEResponse(StreamingResponse):
         watcher = asyncio.ensure_future(watch())
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done() and not task.cancelled() and isinstance(task.exception(), _WriteTimeout):
+                log.info("stream ended: the client read nothing for write_timeout %gs", self.write_timeout)
+                await self._end_body()
+                await watcher  # the connection layer drops the connection (see the class docstring)
         finally:
             for t in (task, watcher):
                 t.cancel()
             await asyncio.gather(task, watcher, return_exceptions=True)
+            await self._end_body()
 
 
 @dataclass
@@ -325,7 +378,7 @@ class Serving:
             continuous = include_usage and bool(opts and opts.continuous_usage_stats)  # vLLM: usage in every chunk
             chat = obj == "chat.completion"
             return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, continuous,
-                                            num_prompt_tokens))
+                                            num_prompt_tokens), self.config.write_timeout, gen.close)
         try:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:

@@ -1,4 +1,5 @@
-"""Server test helpers: a tiny char-level tokenizer with a ChatML template, and a live uvicorn server in a thread.
+"""Server test helpers: a tiny char-level tokenizer with a ChatML template, and a live server in a thread (bare
+uvicorn, or the trimode server as `trimode serve` runs it).
 
 The tokenizer has one token per character (ids 0..95, matching the tiny checkpoints' vocabulary) with
 2 = EOS and 3 = MASK reserved, so every id the random model emits decodes to something.
@@ -14,6 +15,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -73,21 +78,41 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90.0) 
 
 
 @contextmanager
-def live_server(app, port: int | None = None) -> Iterator[str]:
-    """Run `app` on uvicorn in a daemon thread; yields the base URL and stops the server afterwards."""
-    import uvicorn
-
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+def running(server, timeout: float = 30.0) -> Iterator[threading.Thread]:
+    """Run a uvicorn.Server (or subclass) in a daemon thread (yielded) until the block ends; then ask it to exit
+    and join it."""
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield thread
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def live_server(app, port: int | None = None, config: ServerConfig | None = None) -> Iterator[str]:
+    """Run `app` on uvicorn in a daemon thread; yields the base URL and stops the server afterwards.
+
+    With a `config` (a ServerConfig; its host and port are replaced), `app` runs on the trimode server as
+    `trimode serve` runs it (`server.drain.make_server`: the connection guards and the bounded shutdown);
+    without, on bare uvicorn."""
+    import uvicorn
+
+    port = port or free_port()
+    if config is None:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                               lifespan="on"))
+    else:
+        import dataclasses
+
+        from server.drain import make_server
+
+        server = make_server(app, dataclasses.replace(config, host="127.0.0.1", port=port))
+    with running(server):
+        yield f"http://127.0.0.1:{port}"

@@ -634,16 +634,23 @@ def test_dashboard_queries_return_data_in_prometheus(tiny_model_dir, tmp_path):
                 w.start()
             for w in workers:
                 w.join()
-            time.sleep(3)  # a few more scrapes after the last request
-            empty = []
-            for expr in dashboard_exprs():
-                if expr.startswith("label_values("):
-                    continue
-                r = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", timeout=10,
-                              params={"query": expr.replace("$model_name", ".*")}).json()
-                assert r["status"] == "success", (expr, r)
-                if not r["data"]["result"]:
-                    empty.append(expr)
+
+            def empty_queries() -> list[str]:
+                empty = []
+                for expr in dashboard_exprs():
+                    if expr.startswith("label_values("):
+                        continue
+                    r = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", timeout=10,
+                                  params={"query": expr.replace("$model_name", ".*")}).json()
+                    assert r["status"] == "success", (expr, r)
+                    if not r["data"]["result"]:
+                        empty.append(expr)
+                return empty
+
+            # rates need two scrapes of the series, and Prometheus starts at its own pace: poll, up to a bound
+            stop = time.monotonic() + 60
+            while (empty := empty_queries()) and time.monotonic() < stop:
+                time.sleep(1)
             assert not empty, "queries with no data:\n" + "\n".join(empty)
         finally:
             prom.terminate()

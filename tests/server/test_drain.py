@@ -1,4 +1,8 @@
-"""`python -m server serve` as a real process: SIGTERM drains (503 for new work, in-flight finishes), exit 0."""
+"""`python -m server serve` as a real process: SIGTERM drains (503 for new work, in-flight finishes), exit 0.
+
+The engine process is stopped (SIGSTOP) while the requests are admitted and the server is signalled, so they are
+certainly still in flight when the drain starts, however fast the machine; SIGCONT then lets them finish.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,32 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server.helpers import sse_json
 from tests.server_fixtures import free_port, wait_until_healthy
 
 ROOT = Path(__file__).parents[2]
+BOUND = 30.0  # seconds: a "does not hang" bound
 
 
+def _engine_pid(server_pid: int) -> int:
+    """The server's engine process (a multiprocessing spawn child), from /proc."""
+    children = [int(c) for task in Path(f"/proc/{server_pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    engine = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(engine) == 1, children
+    return engine[0]
+
+
+def _wait_for(check, what: str) -> None:
+    stop = time.monotonic() + BOUND
+    while not check():
+        assert time.monotonic() < stop, what
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through /proc")
 def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
     port = free_port()
     key = "sk-drain-secret"
@@ -31,34 +54,29 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(ckpt: Path) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     try:
         wait_until_healthy(proc, url)
-        body = {"prompt": "drain me", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True,
+        body = {"prompt": "drain me", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True,
                 "mode": "diffusion", "steps": 8, "block_length": 8}
         results: list[bytes] = []
-        started = threading.Event()  # set by the first stream to get a chunk
 
         def run() -> None:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as r:
-                parts = []
-                for chunk in r.iter_bytes():
-                    started.set()
-                    parts.append(chunk)
-                results.append(b"".join(parts))
+                results.append(b"".join(r.iter_bytes()))
 
+        engine = _engine_pid(proc.pid)
+        os.kill(engine, signal.SIGSTOP)  # no request can finish until SIGCONT
         threads = [threading.Thread(target=run) for _ in range(3)]
-        for t in threads:
-            t.start()
-        assert started.wait(30)  # one runs; max_num_seqs 1 keeps the other two admitted but queued
-        t0 = time.monotonic()
-        while httpx.get(f"{url}/load", timeout=5).json()["server_load"] < 3:
-            assert time.monotonic() - t0 < 10, "the three requests were not all admitted"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        while httpx.get(f"{url}/ready", timeout=5).status_code != 503:
-            assert time.monotonic() - t0 < 2, "readiness did not turn 503"
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "new"}, headers=auth, timeout=5)
-        assert r.status_code == 503 and r.json()["error"]["code"] == 503 and "Retry-After" in r.headers
-        assert "in-flight" not in r.text
+        try:
+            for t in threads:
+                t.start()
+            _wait_for(lambda: httpx.get(f"{url}/load", timeout=5).json()["server_load"] == 3,
+                      "the three requests were not all admitted")
+            proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 503, "readiness did not turn 503")
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "new"}, headers=auth, timeout=5)
+            assert r.status_code == 503 and r.json()["error"]["code"] == 503 and "Retry-After" in r.headers
+            assert "in-flight" not in r.text
+        finally:
+            os.kill(engine, signal.SIGCONT)
         for t in threads:
             t.join(60)
         assert len(results) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -12,7 +13,11 @@ import httpx
 import pytest
 
 from engine.decoding.modes import MODES
+from server.app import create_app
+from server.config import ServerConfig
+from server.engine_process import EngineProcess
 from tests.server.conftest import engine_config
+from tests.server.held_process import EventHold
 from tests.server.helpers import metric, sse_json
 from tests.server_fixtures import live_server
 
@@ -41,8 +46,19 @@ def proc_server(proc_engine) -> Iterator[str]:
 def _wait_idle(url: str) -> None:
     t0 = time.monotonic()
     while metric(url, "trimode:num_requests_running") or metric(url, "trimode:kv_cache_usage_perc"):
-        assert time.monotonic() - t0 < 5, "the engine process did not free the request's blocks"
+        assert time.monotonic() - t0 < 30, "the engine process did not free the request's blocks"
         time.sleep(0.05)
+
+
+CAN_HOLD = hasattr(fcntl, "F_SETPIPE_SZ")
+UNFINISHED = {**BODY, "max_tokens": 400, "stream": True}  # ar: a token a step, far more than a held engine can run
+
+
+def _held_engine_process(ckpt: Path, log_level: str) -> tuple[EngineProcess, EventHold]:
+    eng = EngineProcess(engine_config(ckpt, num_kv_tokens=4096), log_level=log_level)
+    hold = EventHold(eng)
+    assert 1 + hold.max_steps_ahead() < UNFINISHED["max_tokens"]
+    return eng, hold
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -66,15 +82,22 @@ def test_process_engine_validates_in_the_server_process_and_probes_the_model(pro
     assert httpx.get(f"{proc_server}/v1/models").json()["data"][0]["max_model_len"] > 0
 
 
-def test_process_engine_frees_blocks_when_a_client_disconnects(proc_server: str) -> None:
-    before = metric(proc_server, "trimode:generation_tokens_total", mode="ar")
-    with httpx.stream("POST", f"{proc_server}/v1/completions", json={**BODY, "max_tokens": 400, "stream": True},
-                      timeout=30) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-    _wait_idle(proc_server)
-    assert metric(proc_server, "trimode:generation_tokens_total", mode="ar") > before
-    assert metric(proc_server, "trimode:request_success_total", mode="ar", finished_reason="abort") >= 1
+@pytest.mark.skipif(not CAN_HOLD, reason="holds the engine process through its event pipe's size (Linux)")
+def test_process_engine_frees_blocks_when_a_client_disconnects(ckpt: Path) -> None:
+    eng, hold = _held_engine_process(ckpt, "warning")
+    with live_server(create_app(eng, ServerConfig())) as url:
+        hold.hold_after_next_token()
+        with httpx.stream("POST", f"{url}/v1/completions", json=UNFINISHED, timeout=30) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+            assert hold.held.wait(30) and metric(url, "trimode:kv_cache_usage_perc") > 0
+        # the client is gone; the engine process, held, cannot have finished the request: only the Abort frees it
+        t0 = time.monotonic()
+        while metric(url, "trimode:http_requests_client_disconnected_total") < 1:
+            assert time.monotonic() - t0 < 30, "the disconnect was not noticed"
+            time.sleep(0.02)
+        hold.release()
+        _wait_idle(url)
+        assert metric(url, "trimode:request_success_total", mode="ar", finished_reason="abort") == 1
 
 
 def test_a_bad_checkpoint_fails_startup_with_the_loader_error(tmp_path: Path) -> None:
@@ -84,19 +107,19 @@ def test_a_bad_checkpoint_fails_startup_with_the_loader_error(tmp_path: Path) ->
         EngineProcess(engine_config(tmp_path), log_level="error")
 
 
+@pytest.mark.skipif(not CAN_HOLD, reason="holds the engine process through its event pipe's size (Linux)")
 def test_a_killed_engine_process_fails_open_streams_and_health(ckpt: Path) -> None:
-    from server.app import create_app
-    from server.config import ServerConfig
-    from server.engine_process import EngineProcess
-
-    eng = EngineProcess(engine_config(ckpt, num_kv_tokens=4096), log_level="critical")
-    with live_server(create_app(eng, ServerConfig())) as url, httpx.Client(timeout=30) as client:
-        # slow on purpose (8 choices, one token per diffusion step) so that the kill lands mid-stream
-        body = {**BODY, "max_tokens": 400, "stream": True, "n": 8, "mode": "diffusion", "steps": 8, "block_length": 8}
-        with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+    eng, hold = _held_engine_process(ckpt, "critical")
+    # no respawn: the dead engine stays dead for the checks below, however long they take
+    with live_server(create_app(eng, ServerConfig(engine_restart_attempts=0))) as url, \
+            httpx.Client(timeout=30) as client:
+        hold.hold_after_next_token()
+        with client.stream("POST", f"{url}/v1/completions", json=UNFINISHED) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
+            assert hold.held.wait(30)  # the request cannot finish before the kill: it lands mid-stream
             os.kill(eng.proc.pid, signal.SIGKILL)
+            hold.release()
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and '"code":500' in rest[-2]
         assert client.get(f"{url}/health").status_code == 503

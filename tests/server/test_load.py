@@ -1,4 +1,8 @@
-"""Concurrency and cancellation on the live server: mixed-mode batches, client disconnects freeing KV at once."""
+"""Concurrency and cancellation on the live server: mixed-mode batches, client disconnects freeing KV at once.
+
+The engine is held (tests/server/held_engine.py) where a test needs requests side by side or still unfinished:
+the 16 streams are all admitted before it steps, and a request is disconnected while it cannot have finished.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from engine.decoding.modes import MODES
+from tests.server.held_engine import BOUND, HeldEngine, wait_for
 from tests.server.helpers import metric, scrape, sse_json
 
 FORWARD_KINDS = ("prefill", "ar_decode", "denoise", "commit", "draft", "verify")
@@ -20,7 +26,7 @@ def _batch_counts(url: str) -> dict[str, tuple[float, float]]:
                 m[("trimode:batch_size_bucket", (("forward_kind", k), ("le", "1.0")))]) for k in FORWARD_KINDS}
 
 
-def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str) -> None:
+def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str, shared_engine) -> None:
     specs = ([{"mode": "ar"}] * 5 + [{"mode": "self_spec", "block_length": b} for b in (4, 8, 8, 8, 16)]
              + [{"mode": "diffusion", "steps": s, "block_length": 8} for s in (2, 4, 8, 8, 4, 2)])
     assert len(specs) == 16
@@ -37,11 +43,18 @@ def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str) 
         assert chunks[-1]["usage"]["completion_tokens"] == 24 and chunks[0]["mode"] == spec["mode"]
         return text, spec
 
-    async def main() -> list[tuple[str, dict]]:
+    async def main(held: HeldEngine) -> list[tuple[str, dict]]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(one(client, i, s) for i, s in enumerate(specs)))
+            runs = asyncio.gather(*(one(client, i, s) for i, s in enumerate(specs)))
+            stop = time.monotonic() + BOUND
+            while (await client.get(f"{server}/load")).json()["server_load"] < 16:  # all admitted, none stepped
+                assert time.monotonic() < stop and not runs.done(), "the 16 requests were not all admitted"
+                await asyncio.sleep(0.01)
+            held.gate.open()
+            return await runs
 
-    results = asyncio.run(main())
+    with HeldEngine(shared_engine) as held:
+        results = asyncio.run(main(held))
     assert len(results) == 16
     for i, (text, spec) in enumerate(results):  # greedy ar / self_spec: the same text as when run alone
         if spec["mode"] != "diffusion":
@@ -65,38 +78,41 @@ def test_16_concurrent_streams_mixing_modes_and_steps_all_complete(server: str) 
     assert m[("trimode:num_requests_running", ())] == 0
 
 
-def _wait_idle(url: str, within: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        m = scrape(url)
-        if m[("trimode:num_requests_running", ())] == 0 and m[("trimode:kv_cache_usage_perc", ())] == 0:
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"still running after {within}s: {m[('trimode:num_requests_running', ())]}")
+def _idle(url: str) -> bool:
+    m = scrape(url)
+    return m[("trimode:num_requests_running", ())] == 0 and m[("trimode:kv_cache_usage_perc", ())] == 0
 
 
-def test_client_disconnect_mid_stream_aborts_and_frees_kv_within_a_second(server: str) -> None:
+def _abort_freed_before_the_next_step(url: str, held: HeldEngine, disconnects: float) -> None:
+    """Once the server has seen the disconnect (its Abort is queued), the engine, let go, must be idle after at
+    most the one step that was already waiting: the Abort is applied before any later step."""
+    wait_for(lambda: metric(url, "trimode:http_requests_client_disconnected_total") == disconnects + 1,
+             "the disconnect was not noticed")
+    steps = held.gate.steps_started
+    held.gate.open()
+    wait_for(lambda: _idle(url), "the disconnected request still runs or holds KV")
+    assert held.gate.steps_started - steps <= 1
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv_before_the_next_step(server: str, shared_engine) -> None:
     disconnects = metric(server, "trimode:http_requests_client_disconnected_total")
-    body = {"prompt": "Go on and on", "max_tokens": 480, "temperature": 0, "stream": True, "ignore_eos": True,
-            "mode": "self_spec"}
-    with httpx.Client(timeout=30) as client, client.stream("POST", f"{server}/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+    aborts = metric(server, "trimode:request_success_total", mode="self_spec", finished_reason="abort")
+    body = {"prompt": "Go on and on", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "mode": "self_spec"}
+    with HeldEngine(shared_engine) as held, httpx.Client(timeout=30) as client:
+        (r,) = held.open_streams(client, server, [body])  # it holds its first token and cannot go on
+        assert next(r.iter_lines()).startswith("data: ")
         assert metric(server, "trimode:num_requests_running") == 1
         assert metric(server, "trimode:kv_cache_usage_perc") > 0
-    assert _wait_idle(server, 1.0) < 1.0
-    assert metric(server, "trimode:http_requests_client_disconnected_total") == disconnects + 1
-    assert metric(server, "trimode:request_success_total", mode="self_spec", finished_reason="abort") >= 1
+        r.close()
+        _abort_freed_before_the_next_step(server, held, disconnects)
+    assert metric(server, "trimode:request_success_total", mode="self_spec", finished_reason="abort") == aborts + 1
 
 
-def test_client_disconnect_without_streaming_aborts_too(server: str) -> None:
+def test_client_disconnect_without_streaming_aborts_too(server: str, shared_engine) -> None:
     disconnects = metric(server, "trimode:http_requests_client_disconnected_total")
     body = {"prompt": "Go on", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "mode": "ar"}
-    try:
-        # 480 tokens take the test model about 0.5 s with the CPU kernels: give up well before that
-        r = httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.1))
-        raise AssertionError(f"the request should have outlived the client timeout: {r.status_code} {r.text[:300]}")
-    except httpx.ReadTimeout:
-        pass
-    assert _wait_idle(server, 1.0) < 1.0
-    assert metric(server, "trimode:http_requests_client_disconnected_total") == disconnects + 1
+    with HeldEngine(shared_engine) as held:
+        # held: the response cannot start, so the client's read timeout certainly comes first
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.1))
+        _abort_freed_before_the_next_step(server, held, disconnects)

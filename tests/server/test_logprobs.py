@@ -11,6 +11,20 @@ from tests.server.helpers import sse_json
 BODY = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
 
+def assert_same(streamed: list, whole: list, key: str, mode: str) -> None:
+    """Streamed logprobs equal the non-streamed ones; auto may decode the two requests through different rows (an
+    ar decode's, a verify's): the same tokens, logprobs equal to float noise."""
+    if mode != "auto" or key in ("tokens", "text_offset"):
+        assert streamed == whole
+        return
+    assert len(streamed) == len(whole)
+    for a, b in zip(streamed, whole):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and a == pytest.approx(b, abs=1e-5)
+        else:
+            assert a == pytest.approx(b, abs=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_completions_logprobs_cover_every_token_and_stream_the_same(server: str, mode: str) -> None:
     body = {**BODY, "mode": mode, "logprobs": 2}
@@ -29,7 +43,7 @@ def test_completions_logprobs_cover_every_token_and_stream_the_same(server: str,
     chunks = sse_json(httpx.post(f"{server}/v1/completions", json={**body, "stream": True}, timeout=60).content)
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        assert [x for part in streamed for x in part[key]] == lp[key]
+        assert_same([x for part in streamed for x in part[key]], lp[key], key, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -52,7 +66,7 @@ def test_echo_with_logprobs_scores_the_prompt_first(server: str, mode: str) -> N
     chunks = sse_json(httpx.post(f"{server}/v1/completions", json={**body, "stream": True}, timeout=60).content)
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        assert [x for part in streamed for x in part[key]] == lp[key]
+        assert_same([x for part in streamed for x in part[key]], lp[key], key, mode)
 
 
 def test_chat_logprobs_with_top_alternatives(server: str) -> None:

@@ -52,8 +52,11 @@ def test_a_mixed_soak_with_disconnects_ends_with_nothing_running_and_every_block
             return await asyncio.gather(*(guarded(i) for i in range(200)))
 
     fates = asyncio.run(main())
+    # each request draws all its random choices before its first await, so which requests can only end "done"
+    # (streams not dropped, requests without the 0.05 s client timeout) is fixed by the seed, not by timing: over
+    # 150 of the 200 with this seed
     assert fates.count("done") > 100 and len(fates) == 200
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a "does not hang" bound for the aborts of the abandoned requests
     while time.monotonic() < deadline:
         m = scrape(server)
         if m[("trimode:num_requests_running", ())] == 0 and m[("trimode:kv_cache_usage_perc", ())] == 0:
