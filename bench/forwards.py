@@ -56,8 +56,8 @@ def time_forwards(engine: Engine, batch: int, context: int, block: int, repeats:
         "diffusion denoise": (Forward.DENOISE, draft, ctx.diffusion_lora),
         "diffusion commit": (Forward.COMMIT, [5] * block, False),
     }
-    batches = {name: Batch(forward, lora, seqs, [ForwardRequest(BatchKey(forward, draft_lora=lora), list(ids),
-                                                                all_logits=len(ids) > 1) for _ in seqs])
+    batches = {name: Batch(seqs, [ForwardRequest(BatchKey(forward, draft_lora=lora), list(ids),
+                                                 all_logits=len(ids) > 1) for _ in seqs])
                for name, (forward, ids, lora) in kinds.items()}
     rounds: dict[str, list[float]] = {name: [] for name in batches}
     try:

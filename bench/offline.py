@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from engine.decoding.modes import MODES
+
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea at night.",
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=args.model, dtype=args.dtype, device="cpu", max_num_seqs=max(batch_sizes),
               num_kv_tokens=max(4096, 2 * max(batch_sizes) * (args.max_tokens + 160)))
     eng = llm.engine
-    modes = args.modes.split(",") if args.modes else (["ar", "diffusion", "self_spec"] if eng.is_trimode else ["ar"])
+    modes = args.modes.split(",") if args.modes else (list(MODES) if eng.is_trimode else ["ar"])
     prompts = _prompt_ids(llm.tokenizer, max(batch_sizes), eng.model_config.vocab_size)
     cases = trimode_cases(llm, modes, batch_sizes, prompts, args.max_tokens)
     if not args.no_transformers and not eng.is_trimode:

@@ -1,16 +1,16 @@
-"""Attention contexts: the two kinds of forward, over a paged KV cache or over the query tokens alone.
+"""Attention contexts: the two kinds of mask, over a paged KV cache or over the query tokens alone.
 
-Every forward is one of two kinds:
-- causal (`causal=True`): query token i of a sequence sees the cached prefix and query tokens <= i;
-- bidirectional (`causal=False`): every query token sees the cached prefix and all query tokens.
+Every sequence in a forward has one of two masks, and one forward may hold both:
+- causal: query token i of a sequence sees the cached prefix and query tokens <= i;
+- bidirectional: every query token sees the cached prefix and all query tokens of its block.
 
 `PagedContext` always stores the query tokens' K/V into the slots the block manager provided past
 `num_computed_tokens`; whether they become *committed* is the engine's business (a bidirectional pass never
 advances `num_computed_tokens`, so its K/V is scratch the next forward overwrites). This keeps one code path
-for both kinds: they differ only in the mask. On CUDA with flash-attn installed, the paged varlen kernel reads
-the block tables directly; elsewhere torch SDPA runs over the pages gathered into a padded batch, except that on
-CPU a decode plan (one query per sequence) goes to `decode_kernel` when the runner has the fused CPU kernels,
-which reads the pages in place (engine/cpu_kernels.py).
+for both kinds: they differ only in the mask, chosen per sequence. On CUDA with flash-attn installed, the paged
+varlen kernel reads the block tables directly, one call per mask kind; on CPU with the fused kernels
+(engine/cpu_kernels.py) one call reads the pages in place for every short sequence (decodes and blocks, causal or
+not); elsewhere, and for long prefill chunks, torch SDPA runs over the pages gathered into a padded batch.
 """
 
 from __future__ import annotations
@@ -80,29 +80,33 @@ class KVCache:
 
 @dataclass
 class PagedContext:
-    """Attention over the paged cache for a ragged batch of sequences.
+    """Attention over the paged cache for a ragged batch of sequences, each with its own mask.
 
     q_lens[b] query tokens of sequence b sit at positions k_lens[b] - q_lens[b] ... k_lens[b] - 1 (`positions`);
-    their K/V goes to `slot_mapping` (flat slot = block * block_size + offset) before attention reads the pages.
-    Every index tensor and the mask are built once per forward, vectorised; `attend` runs per layer and only
-    writes, gathers and calls the kernel. Decode batches (one query per sequence) need no query gather and no
-    causal mask; a lone sequence needs no padding. A mixed batch (one-token decodes next to prefill chunks, see the
-    scheduler) runs as two plans, so that the decodes' single queries are not padded to the prefills' length.
+    their K/V goes to `slot_mapping` (flat slot = block * block_size + offset) before attention reads the pages,
+    so a bidirectional sequence's block sees itself; only a causal forward's entries can become committed (the
+    engine's business: a bidirectional forward never advances `num_computed_tokens`, so its entries are scratch
+    the next forward overwrites). `causal[b]` is sequence b's mask: causal (query i sees the prefix and query
+    tokens <= i) or bidirectional (every query token sees the prefix and the whole block).
+
+    Every index tensor and mask is built once per forward; `attend` runs per layer and only writes, gathers and
+    calls kernels, one per plan. On CUDA with flash-attn: one varlen call per mask kind. Elsewhere: the one-token
+    rows of every kind in one plan (on CPU the fused `decode_kernel`, reading the pages in place among the other
+    rows; else SDPA), and longer sequences grouped by query length, one SDPA call per group over gathered pages,
+    with each sequence's own mask (so no row is padded to another's length; a lone sequence needs no padding).
     """
 
     cache: KVCache
-    causal: bool
-    draft_lora: bool
     q_lens: list[int]
     k_lens: list[int]  # context length of each sequence *including* this forward's query tokens
+    causal: list[bool]  # per sequence: causal mask, else bidirectional over cache + block
     block_tables: list[list[int]]
+    draft_lora: bool | slice | torch.Tensor = False  # rows whose o_proj adds the draft adapter (see LoRALinear)
     use_flash: bool = False
-    # (q [B, Hq, D], flat k cache, flat v cache, tables [B, max_blocks], lens [B], block_size) -> [B, Hq, D]: reads
-    # the pages in place for one-query-per-sequence plans (`FusedCpuOps.decode_attention`); None = gather + SDPA
+    # `FusedCpuOps.decode_attention`: one-token rows read from their pages in place; None = gather + SDPA
     decode_kernel: Callable[..., torch.Tensor] | None = None
     positions: torch.Tensor = field(init=False)  # [T] int64, position of every query token
     slot_mapping: torch.Tensor = field(init=False)  # [T] int64, cache slot of every query token
-    _prepared: dict = field(default_factory=dict, init=False)
     _plans: list[dict] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -117,36 +121,56 @@ class PagedContext:
         pos = (k_lens - q_lens)[seq_of] + torch.arange(t) - q_start[seq_of]  # [T]
         self.positions = pos.to(device)
         self.slot_mapping = (tables[seq_of, pos // bs] * bs + pos % bs).to(device)
+        starts = q_start.tolist()
         if self.use_flash:
-            zero = torch.zeros(1, dtype=torch.long)
-            cu_q, cu_k = torch.cat([zero, q_lens.cumsum(0)]), torch.cat([zero, k_lens.cumsum(0)])
-            self._prepared = dict(tables=tables.to(device, torch.int32), cu_q=cu_q.to(device, torch.int32),
-                                  cu_k=cu_k.to(device, torch.int32), max_q=max(self.q_lens), max_k=max(self.k_lens))
+            for kind in (False, True):  # one varlen call per mask kind (flash-attn's causal is bottom-right aligned)
+                part = [i for i in range(b) if self.causal[i] == kind]
+                if part:
+                    self._plans.append(self._flash_plan(part, tables, starts))
             return
-        singles = [i for i, n in enumerate(self.q_lens) if n == 1]
-        if 0 < len(singles) < b:
-            multis = [i for i, n in enumerate(self.q_lens) if n > 1]
-            for part in (singles, multis):
-                plan = self._plan(part, tables)
+        by_len: dict[int, list[int]] = {}  # query length -> sequences (one-token rows: any mask, one plan)
+        for i in range(b):
+            by_len.setdefault(self.q_lens[i], []).append(i)
+        for q_len, part in by_len.items():
+            if q_len == 1 and self.decode_kernel is not None:
                 idx = torch.tensor(part)
-                plan["rows"] = torch.cat([torch.arange(int(q_start[i]), int(q_start[i] + q_lens[i]))
-                                          for i in idx]).to(device)
-                self._plans.append(plan)
-        else:
-            self._plans.append(self._plan(list(range(b)), tables))
+                self._plans.append(dict(path="decode_kernel", tables=tables[idx].to(device),
+                                        lens=k_lens[idx].to(device), seq_rows=q_start[idx].to(device)))
+                continue
+            plan = self._plan(part, tables)
+            plan["rows"] = self._rows(part, starts, b)
+            self._plans.append(plan)
+
+    def _rows(self, part: list[int], starts: list[int], b: int) -> slice | torch.Tensor | None:
+        """The flat query rows of the sequences `part`: None for all of them, a slice when contiguous."""
+        if len(part) == b:
+            return None
+        lo, hi = starts[part[0]], starts[part[-1]] + self.q_lens[part[-1]]
+        if hi - lo == sum(self.q_lens[i] for i in part):
+            return slice(lo, hi)
+        return torch.cat([torch.arange(starts[i], starts[i] + self.q_lens[i]) for i in part]).to(self.cache.k.device)
+
+    def _flash_plan(self, part: list[int], tables: torch.Tensor, starts: list[int]) -> dict:
+        device = self.cache.k.device
+        zero = torch.zeros(1, dtype=torch.long)
+        q_lens, k_lens = torch.tensor([self.q_lens[i] for i in part]), torch.tensor([self.k_lens[i] for i in part])
+        return dict(path="flash", causal=self.causal[part[0]], rows=self._rows(part, starts, len(self.q_lens)),
+                    tables=tables[torch.tensor(part)].to(device, torch.int32),
+                    cu_q=torch.cat([zero, q_lens.cumsum(0)]).to(device, torch.int32),
+                    cu_k=torch.cat([zero, k_lens.cumsum(0)]).to(device, torch.int32),
+                    max_q=int(q_lens.max()), max_k=int(k_lens.max()))
 
     def _plan(self, part: list[int], all_tables: torch.Tensor) -> dict:
-        """Gather indices, mask and kernel path for the sequences `part` (their query rows, concatenated)."""
+        """Gather indices, mask and SDPA path for the sequences `part` (their query rows, concatenated)."""
         device, dtype = self.cache.k.device, self.cache.k.dtype
         bs = self.cache.block_size
         q_list, k_list = [self.q_lens[i] for i in part], [self.k_lens[i] for i in part]
+        causal = [self.causal[i] for i in part]
         b, t = len(part), sum(q_list)
         q_lens, k_lens = torch.tensor(q_list), torch.tensor(k_list)
         q_start = q_lens.cumsum(0) - q_lens
         max_q, max_k = max(q_list), max(k_list)
         tables = all_tables[torch.tensor(part)]
-        if max_q == 1 and self.decode_kernel is not None:
-            return dict(path="decode_kernel", tables=tables.to(device), lens=k_lens.to(device))
         key_pos = torch.arange(max_k)
         kv_idx = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, max_k] (padding -> a slot of block 0, masked)
         k_valid = key_pos[None, :] < k_lens[:, None]  # [B, max_k]
@@ -157,16 +181,17 @@ class PagedContext:
         if max_q == 1:  # decode: the only query sees every key of its sequence, causal or not
             p.update(path="decode", mask=None if bool(k_valid.all()) else _additive(k_valid[:, None, None, :], dtype,
                                                                                      device))
-        elif b == 1 and (not self.causal or max_k == max_q):
+        elif b == 1 and (not causal[0] or max_k == max_q):
             # a lone sequence, bidirectional over everything or a fresh causal prefill: no mask at all
-            p.update(path="single", mask=None, is_causal=self.causal)
+            p.update(path="single", mask=None, is_causal=causal[0])
         else:
             q_off = torch.arange(max_q)
             q_valid = q_off[None, :] < q_lens[:, None]  # [B, max_q]
             q_pos = (k_lens - q_lens)[:, None] + q_off[None, :]  # [B, max_q]
             mask = k_valid[:, None, :].expand(b, max_q, max_k)
-            if self.causal:
-                mask = mask & (key_pos[None, None, :] <= q_pos[:, :, None])
+            if any(causal):  # causal sequences mask keys past each query; bidirectional ones only the padding
+                future = key_pos[None, None, :] > q_pos[:, :, None]  # [B, max_q, max_k]
+                mask = mask & ~(future & torch.tensor(causal)[:, None, None])
             # padded query rows attend to key 0 so that SDPA never sees an all-masked row (their output is dropped)
             mask = mask | (~q_valid[:, :, None] & (key_pos == 0)[None, None, :])
             p.update(path="single" if b == 1 else "padded", mask=_additive(mask[:, None], dtype, device),
@@ -178,20 +203,30 @@ class PagedContext:
         flat_k, flat_v = self.cache.flat_k[layer_idx], self.cache.flat_v[layer_idx]
         flat_k.index_copy_(0, self.slot_mapping, k)  # the runner allocates the cache in the model's dtype
         flat_v.index_copy_(0, self.slot_mapping, v)
-        if self.use_flash:
-            p = self._prepared
-            return flash_attn_varlen_func(q, self.cache.k[layer_idx], self.cache.v[layer_idx], p["cu_q"], p["cu_k"],
-                                          p["max_q"], p["max_k"], causal=self.causal, block_table=p["tables"])
-        if len(self._plans) == 1:
-            return self._attend_plan(self._plans[0], q, flat_k, flat_v)
-        out = torch.empty_like(q)
+        out = None
         for p in self._plans:
-            out[p["rows"]] = self._attend_plan(p, q[p["rows"]], flat_k, flat_v)
+            if p["path"] == "decode_kernel":  # reads its rows of q and writes its rows of `out`, in place
+                if out is None:
+                    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                self.decode_kernel(q, flat_k, flat_v, p["tables"], p["lens"], self.cache.block_size, p["seq_rows"],
+                                   out)
+                continue
+            rows = p["rows"]
+            if p["path"] == "flash":
+                part = flash_attn_varlen_func(q if rows is None else q[rows], self.cache.k[layer_idx],
+                                              self.cache.v[layer_idx], p["cu_q"], p["cu_k"], p["max_q"], p["max_k"],
+                                              causal=p["causal"], block_table=p["tables"])
+            else:
+                part = self._attend_plan(p, q if rows is None else q[rows], flat_k, flat_v)
+            if rows is None:
+                return part
+            if out is None:
+                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            out[rows] = part
+        assert out is not None
         return out
 
     def _attend_plan(self, p: dict, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor) -> torch.Tensor:
-        if p["path"] == "decode_kernel":
-            return self.decode_kernel(q, flat_k, flat_v, p["tables"], p["lens"], self.cache.block_size)
         hkv, d = flat_k.shape[-2], flat_k.shape[-1]
         b, max_k = p["shape"]
         if p["kv_start"] is None:

@@ -3,7 +3,8 @@
 Between its GEMMs a forward runs RMSNorm (with the residual add before it), RoPE, SwiGLU's `silu(gate) * up` and
 attention. Eagerly each is 3-8 tensor ops; on CPU at decode batch sizes every op costs a dispatch and a pass over
 memory, and attention first gathers every sequence's KV pages into a padded batch for SDPA. `FusedCpuOps` does each
-in one C++ call and reads the pages in place for one-query-per-sequence (decode) attention.
+in one C++ call and reads the pages in place for one-query-per-sequence (decode) attention, also for the one-token
+rows of a forward that mixes them with blocks and prefill chunks.
 
 `TorchOps` is the reference: any device, dtype and autograd. The runner installs `FusedCpuOps` on a CPU model in
 fp32 or bf16 (`EngineConfig.cpu_kernels`); the kernels take no gradients, so a model being trained keeps `TorchOps`.
@@ -96,12 +97,20 @@ class FusedCpuOps:
         return self._ext.silu_mul(gate_up.contiguous())
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                         lens: torch.Tensor, block_size: int) -> torch.Tensor:
-        """q [B, Hq, D] (one query per sequence), flat caches [slots, Hkv, D], tables [B, max_blocks] and lens [B]
-        int64 -> softmax(q K^T / sqrt(D)) V over each sequence's first lens[b] cached keys, [B, Hq, D]."""
+                         lens: torch.Tensor, block_size: int, rows: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """One query per sequence: softmax(q K^T / sqrt(D)) V over each sequence's first lens[b] cached keys.
+        Flat caches [slots, Hkv, D], tables [B, max_blocks] and lens [B] int64. Without `rows`, q is [B, Hq, D] and
+        the result a new [B, Hq, D]; with `rows` [B] int64, sequence b's query is q[rows[b]] of a ragged q [T, Hq,
+        D] and its result is written to out[rows[b]] (`out` contiguous [T, Hq, D]; its other rows left alone)."""
         if q.stride(-1) != 1:
             q = q.contiguous()
-        return self._ext.decode_attention(q, k_cache, v_cache, tables, lens, block_size, q.shape[-1] ** -0.5)
+        if rows is None:
+            rows = torch.arange(tables.shape[0])
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        self._ext.decode_attention(q, k_cache, v_cache, tables, rows, lens, out, block_size, q.shape[-1] ** -0.5)
+        return out
 
 
 _loaded: dict[str, FusedCpuOps | None] = {}

@@ -1,8 +1,9 @@
 """Engine: add / abort / step over the scheduler, the runner and the decoders. Single-threaded, token ids only.
 
 Builds the parts: the runner (weights, KV memory) sizes the pool, the scheduler owns its pages (`BlockManager`).
-`step()` runs at most one forward: the scheduler picks a homogeneous batch, the runner returns its logit rows,
-each sequence's decoder turns them into an Outcome, and `_apply_outcome` applies it the same way for every mode:
+`step()` runs at most one forward: the scheduler puts every running sequence's next forward, whatever its kind,
+in one batch (one pass over the weights), the runner returns its logit rows, each sequence's decoder turns them
+into an Outcome, and `_apply_outcome` applies it the same way for every mode:
 append the tokens, cut at the first stop id, trim to `max_tokens`, commit the K/V kept (cropping the rest), free
 the blocks of finished sequences. The outcomes' counters are summed into the step's `StepStats` by name.
 """
@@ -17,6 +18,7 @@ import torch
 
 from engine.batch import Batch
 from engine.config import EngineConfig
+from engine.decoding.auto import planner_for_engine
 from engine.decoding.base import DecoderContext, Outcome, emit_tokens
 from engine.decoding.registry import DECODERS
 from engine.forward import Forward, ForwardRequest
@@ -80,8 +82,11 @@ class Engine:
             max_forwards=config.max_forwards_per_request or 2 * self.max_model_len)
         # denoising uses the draft LoRA when the config says so, else when the checkpoint says it was trained for it
         denoise_lora = info.config.diffusion_lora_hint if config.diffusion_lora is None else config.diffusion_lora
-        self.decoder_ctx = DecoderContext(self.mask_token_id, spec_lora=config.draft_lora and info.has_draft_lora,
-                                          diffusion_lora=info.has_draft_lora and denoise_lora)
+        spec_lora = config.draft_lora and info.has_draft_lora
+        # auto's planner: this engine's forward costs, measured here in a few seconds, and the checkpoint's acceptance
+        auto = planner_for_engine(self.runner, blocks, self.policy, config, path, self.mask_token_id, spec_lora)
+        self.decoder_ctx = DecoderContext(self.mask_token_id, spec_lora=spec_lora,
+                                          diffusion_lora=info.has_draft_lora and denoise_lora, auto=auto)
         self.scheduler = Scheduler(blocks, self.decoder_ctx, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.last_stats = StepStats()  # a fresh object every step, never mutated afterwards: safe to hand over
@@ -130,15 +135,26 @@ class Engine:
         if batch is None:
             stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
             return []
+        auto = self.decoder_ctx.auto
         try:
-            return self._run_batch(batch, stats, preempted_before)
+            started = auto.clock() if auto is not None else 0.0
+            outputs = self._run_batch(batch, stats, preempted_before)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch's requests
             raise BatchError([s.request_id for s in batch.seqs], exc) from exc
+        if auto is not None:  # auto refines its forward costs from every step's time
+            auto.observe(batch.requests, auto.clock() - started, self.scheduler.running)
+        return outputs
 
     def _run_batch(self, batch: Batch, stats: StepStats, preempted_before: int) -> list[RequestOutput]:
         logits = self.runner.run(batch)
+        stats.num_model_forwards = 1
         stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.forward, len(batch.seqs), \
             batch.num_query_tokens
+        for sec in batch.sections:
+            kind = sec.key.forward
+            stats.seqs_by_forward[kind] = stats.seqs_by_forward.get(kind, 0) + sec.end - sec.start
+            stats.rows_by_forward[kind] = stats.rows_by_forward.get(kind, 0) + sum(
+                len(r.token_ids) for r in batch.requests[sec.start:sec.end])
         outputs = []
         for seq, req, rows in zip(batch.seqs, batch.requests, logits):
             seq.num_forwards += 1
@@ -151,7 +167,7 @@ class Engine:
                 stats.decode_forwards_by_mode[mode] = stats.decode_forwards_by_mode.get(mode, 0) + 1
                 outcome = DECODERS[mode].consume(seq, req, rows, self.decoder_ctx)
             self._add_to_stats(stats, outcome)
-            out = self._apply_outcome(seq, batch, outcome)
+            out = self._apply_outcome(seq, req, outcome)
             if out is not None:
                 outputs.append(out)
         stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
@@ -180,10 +196,11 @@ class Engine:
         for name, value in outcome.observations.items():
             stats.observations.setdefault(name, []).append(value)
 
-    def _apply_outcome(self, seq: Sequence, batch: Batch, outcome: Outcome) -> RequestOutput | None:
-        """Make `outcome` part of `seq`: commit its K/V, emit its tokens up to a stop or the length limit, and
-        finish the request there; the RequestOutput says what changed (None when nothing did)."""
-        if batch.causal:
+    def _apply_outcome(self, seq: Sequence, req: ForwardRequest, outcome: Outcome) -> RequestOutput | None:
+        """Make `outcome` of `req` part of `seq`: commit its K/V (causal forwards only), emit its tokens up to a
+        stop or the length limit, and finish the request there; the RequestOutput says what changed (None when
+        nothing did)."""
+        if req.forward.causal:
             self.scheduler.commit_kv(seq, outcome.num_kv_kept)
         emitted: list[int] = []
         first_output = seq.num_output_tokens == 0
@@ -209,9 +226,10 @@ class Engine:
         if first_output and emitted and seq.params.prompt_logprobs is not None:
             prompt_lps = [None] + [seq.prompt_lps[p] for p in range(1, seq.num_prompt_tokens)]
             seq.prompt_lps = {}
+        decoded = DECODERS[seq.params.mode].describe(seq) if seq.finish_reason is not None else None
         return RequestOutput(seq.request_id, emitted, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode, lps,
-                             prompt_lps)
+                             prompt_lps, decoded)
 
     # ---- introspection --------------------------------------------------------------------------------------
     @property

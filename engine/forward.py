@@ -1,6 +1,9 @@
 """What a forward is: its name (`Forward`), what one sequence asks of it (`ForwardRequest`), and the key that
-decides which sequences share it (`BatchKey`). Torch-free, so `StepStats` and the server's metrics can name
-forwards without loading the model code.
+groups sequences into sections of a forward (`BatchKey`). Torch-free, so `StepStats` and the server's metrics can
+name forwards without loading the model code.
+
+Every running sequence's next forward rides in the same engine forward, whatever its name: the key only groups
+the rows into sections (for attention plans, fairness and metrics), it never splits a step into forwards.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ _BIDIRECTIONAL = frozenset({Forward.DENOISE, Forward.DRAFT})
 
 @dataclass(frozen=True, slots=True)
 class BatchKey:
-    """Sequences whose next forwards have equal keys may run in one batch: same forward, same adapter, and the
-    same mode knobs where they shape the forward (None where a forward has no such knob)."""
+    """Sequences whose next forwards have equal keys form one section of a forward: same forward, same adapter, and
+    the same mode knobs where they shape the forward (None where a forward has no such knob). Sections of every
+    key share one forward; the key orders the rows and names them in the metrics."""
 
     forward: Forward
     draft_lora: bool = False  # o_proj draft adapter on (bidirectional forwards only)

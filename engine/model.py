@@ -4,8 +4,9 @@ Nemotron-Labs-Diffusion is a Ministral-3 backbone (`encoder.*`) plus an untied `
 for AR and diffusion logits alike; plain Llama/Mistral checkpoints (`model.*`, `lm_head` or tied embeddings) map
 onto the same modules at load time. Tokens are flattened across the batch (`[T]`, ragged, no padding): the model
 sees `(input_ids, positions, ctx)` and all attention metadata travels in `ctx`, an `AttentionContext` that owns
-the attention pattern (causal and writing KV, or bidirectional and read-only) and whether the draft LoRA on
-`o_proj` is on. The kind of pass is therefore an argument of each forward, never module state.
+each sequence's attention pattern (causal and writing KV, or bidirectional and read-only) and which rows get the
+draft LoRA on `o_proj`; one forward may mix them. The kind of pass is therefore an argument of each forward, never
+module state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from engine.model_config import ModelConfig, RopeConfig
 class AttentionContext(Protocol):
     """What a forward needs besides token ids and positions (see `engine/attention.py`)."""
 
-    draft_lora: bool
+    draft_lora: bool | slice | torch.Tensor  # rows that get the draft adapter: all, none, a range or an index
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] after RoPE -> attention output [T, Hq, D]."""
@@ -94,10 +95,19 @@ class LoRALinear(PackableLinear):
         self.lora_B = nn.Parameter(b.to(self.weight.dtype), requires_grad=b.requires_grad)
         self.lora_scale = scale
 
-    def forward_lora(self, x: torch.Tensor, use_lora: bool) -> torch.Tensor:
+    def forward_lora(self, x: torch.Tensor, rows: bool | slice | torch.Tensor) -> torch.Tensor:
+        """W x on every row, plus the adapter's delta on `rows`: all (True), none (False), a row range or an index
+        tensor (a forward mixing draft rows with others: the delta only where a sequence asked for it)."""
         y = super().forward(x)
-        if use_lora and self.lora_A is not None:
-            y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if self.lora_A is None or rows is False:
+            return y
+        if rows is True:
+            return y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        delta = self.lora_scale * F.linear(F.linear(x[rows], self.lora_A), self.lora_B)  # [R, out]
+        if isinstance(rows, slice):
+            y[rows] += delta
+        else:
+            y.index_add_(0, rows, delta)
         return y
 
 

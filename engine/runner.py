@@ -1,5 +1,9 @@
 """ModelRunner: turns a scheduled Batch into tensors, runs one forward over the paged cache, returns logit rows.
 
+A batch mixes every kind of forward: its rows are flattened into one ragged token axis (no padding), so the
+linear layers read the weights once for all of them; each sequence's mask (causal or bidirectional) and the
+draft-LoRA rows travel in the `PagedContext`.
+
 Owns the weights, the KV pool's memory and the device; which page belongs to whom is the scheduler's
 (`BlockManager`), and each forward brings its sequences' block tables in the Batch. Sizing (`num_kv_blocks`): on
 CUDA the pool takes `gpu_memory_utilization` of the device memory minus weights and an activation reserve; on CPU
@@ -60,7 +64,7 @@ class ModelRunner:
         self.use_flash = config.use_flash_attn and flash_available(self.device, self.block_size)
         attention = "flash-attn" if self.use_flash else "sdpa"
         if self.ops.decode_attention is not None:
-            attention += " (decode: paged kernel)"
+            attention += " (one-token rows: paged kernel)"
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%s, %s, attention=%s, linear=%s, ops=%s)", num_blocks,
                  self.block_size, num_blocks * self.block_size, self.device, self.dtype, attention,
                  self.linear_kernel, self.ops.name)
@@ -95,12 +99,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[torch.Tensor]:
-        """One forward over the batch; per sequence the logit rows it asked for ([rows, V] fp32)."""
+        """One forward over every sequence of the batch, whatever each asked for (one pass over the weights); per
+        sequence the logit rows it asked for ([rows, V] fp32)."""
         input_ids: list[int] = []
         q_lens: list[int] = []
         k_lens: list[int] = []
+        causal: list[bool] = []
         rows: list[int] = []
         row_counts: list[int] = []
+        lora_rows = 0  # the draft-LoRA sections lead the batch (engine/batch.py): their rows are one leading range
         for seq, req in zip(batch.seqs, batch.requests):
             n = len(req.token_ids)
             input_ids += req.token_ids
@@ -111,8 +118,13 @@ class ModelRunner:
             row_counts.append(n if req.all_logits else 1)
             q_lens.append(n)
             k_lens.append(seq.num_computed_tokens + n)
+            causal.append(req.forward.causal)
+            if req.key.draft_lora:
+                assert lora_rows == len(input_ids) - n, "draft-LoRA rows must lead the batch"
+                lora_rows = len(input_ids)
         dev = self.device
-        ctx = PagedContext(self.cache, batch.causal, batch.draft_lora, q_lens, k_lens, batch.block_tables,
+        lora: bool | slice = False if lora_rows == 0 else True if lora_rows == len(input_ids) else slice(0, lora_rows)
+        ctx = PagedContext(self.cache, q_lens, k_lens, causal, batch.block_tables, draft_lora=lora,
                            use_flash=self.use_flash, decode_kernel=self.ops.decode_attention)
         hidden = self.model(torch.tensor(input_ids, device=dev), ctx.positions, ctx)
         if len(rows) < len(input_ids):

@@ -1,19 +1,19 @@
 """Scheduler: which sequences run in the next forward, and the KV pages they hold (it owns the BlockManager).
 
-Grouping rule (documented in README, knobs in `[engine]`): every step each running sequence says which forward it
-needs next: `prefill` (chunked), `ar_decode`, `denoise`, `commit`, `draft` or `verify`, as a `BatchKey` (the
-forward, the draft-LoRA flag, and `steps` / `block_length` where they shape it). Sequences with equal keys form a
-group and the step runs exactly one group: the one whose members waited longest (the smallest `last_scheduled`),
-so groups take turns and no mode starves. Prefill chunks ride along with a causal decode group (`ar_decode`,
-`commit`, `verify`: the same kind of forward, writing K/V) when either is chosen, so a newly arrived request does
-not cost the running ones a forward of their own; the batch is named after the decode group. Within a group the
-longest-waiting sequences go first while the query tokens fit `max_num_batched_tokens` (a prefill is chunked to
-the room left). A sequence is never held back for the slowest of its group: each one asks for its own next
-forward every step.
+Rule (documented in README, knobs in `[engine]`): one forward per step carries every running sequence's next
+forward, whatever its kind. Each sequence says which forward it needs (`prefill` chunk, `ar_decode`, `denoise`,
+`commit`, `draft` or `verify`, with its own block length, step budget and draft-LoRA flag: a `BatchKey`), and all
+of them ride in one ragged batch, one section per key (`engine/batch.py`): the weights are read once per step
+however many modes, block lengths and step budgets are running. `max_num_batched_tokens` caps a forward's query
+tokens: decode-like rows (every forward but prefill) go first, oldest first (the smallest `last_scheduled`), and
+prefill chunks take the room left (a prompt is chunked to fit). A sequence left out waits one step longer than
+the rows that ran, so it goes first next time: no sequence starves. A sequence is never held back for another:
+each one asks for its own next forward every step (first done, first out).
 
-Admission is FCFS, bounded by `max_num_seqs` and free KV blocks. Before a forward every member gets slots for its
-query tokens; when the pool runs dry the most recently admitted running sequence is preempted (its blocks freed,
-its K/V recomputed later from its tokens), as vLLM's RECOMPUTE.
+Admission is FCFS, bounded by `max_num_seqs` and free KV blocks; an admitted sequence counts as having run in the
+previous step, so it queues behind the decode rows of equal age. Before a forward every member gets slots for
+its query tokens; when the pool runs dry the most recently admitted running sequence is preempted (its blocks
+freed, its K/V recomputed later from its tokens), as vLLM's RECOMPUTE.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _PREFILL = BatchKey(Forward.PREFILL)
 
 class Scheduler:
     """The waiting and running queues and the KV pages (`blocks`, handed over by the Engine): `schedule()` picks
-    the next batch and reserves its pages, `commit_kv` / `remove` give pages back."""
+    the next forward's batch and reserves its pages, `commit_kv` / `remove` give pages back."""
 
     def __init__(self, blocks: BlockManager, ctx: DecoderContext, max_num_seqs: int,
                  max_num_batched_tokens: int) -> None:
@@ -75,6 +75,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.last_scheduled = self._step - 1  # as old as the rows that ran last step: they go first
             self.running.append(seq)
 
     def _next_forward(self, seq: Sequence) -> ForwardRequest:
@@ -98,39 +99,24 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> Batch | None:
-        """Pick the next homogeneous batch and give its members KV slots; None when nothing can run."""
+        """Every running sequence's next forward in one batch under the token budget, KV slots reserved; None when
+        nothing can run."""
         self._step += 1
         self._admit()
         if not self.running:
             return None
-        groups: dict[BatchKey, list[tuple[Sequence, ForwardRequest]]] = {}
-        for seq in self.running:
-            req = self._next_forward(seq)
-            groups.setdefault(req.key, []).append((seq, req))
-        key = min(groups, key=lambda k: (min(s.last_scheduled for s, _ in groups[k]), k.forward != Forward.PREFILL))
-        members = sorted(groups[key], key=lambda sr: sr[0].last_scheduled)
-        forward = key.forward
-        if forward.causal and not key.draft_lora:
-            # Mixed batch (vLLM-style): prefill chunks and one causal decode group (ar_decode, commit or verify)
-            # write K/V the same way, so they share a forward and pay for one pass over the weights instead of two.
-            # Decode members go first (a token or a block each), prefill chunks take the room left.
-            if forward == Forward.PREFILL:
-                partners = [k for k in groups if k.forward.causal and not k.draft_lora and k.forward != Forward.PREFILL]
-                if partners:
-                    decode = min(partners, key=lambda k: min(s.last_scheduled for s, _ in groups[k]))
-                    forward = decode.forward
-                    members = sorted(groups[decode], key=lambda sr: sr[0].last_scheduled) + members
-            elif _PREFILL in groups:
-                members += sorted(groups[_PREFILL], key=lambda sr: sr[0].last_scheduled)
+        pairs = [(seq, self._next_forward(seq)) for seq in self.running]
+        # oldest first; among equals decode-like rows before prefill chunks (stable: then in admission order)
+        pairs.sort(key=lambda sr: (sr[0].last_scheduled, sr[1].forward is Forward.PREFILL))
         chosen: list[tuple[Sequence, ForwardRequest]] = []
         budget = self.max_num_batched_tokens
-        for seq, req in members:
+        for seq, req in pairs:
             if budget <= 0:
                 break
-            if req.forward == Forward.PREFILL and len(req.token_ids) > budget:
+            if req.forward is Forward.PREFILL and len(req.token_ids) > budget:
                 req = replace(req, token_ids=req.token_ids[:budget])
             elif len(req.token_ids) > budget and chosen:
-                continue
+                continue  # a whole block does not fit the room left: it is the oldest next step
             chosen.append((seq, req))
             budget -= len(req.token_ids)
         chosen = self._reserve_slots(chosen)
@@ -138,7 +124,7 @@ class Scheduler:
             return None
         for seq, _ in chosen:
             seq.last_scheduled = self._step
-        return Batch(forward, key.draft_lora, [s for s, _ in chosen], [r for _, r in chosen])
+        return Batch([s for s, _ in chosen], [r for _, r in chosen])
 
     def _reserve_slots(self, chosen: list[tuple[Sequence, ForwardRequest]]) -> list[tuple[Sequence, ForwardRequest]]:
         kept: list[tuple[Sequence, ForwardRequest]] = []

@@ -100,7 +100,7 @@ class Sequence:
     stop_reason: int | None = None  # the stop token id that ended it (None for EOS, as vLLM)
     num_forwards: int = 0  # every forward this sequence took part in, prefill included
     num_decode_forwards: int = 0  # forwards after prefill (tokens per forward = output tokens / this)
-    last_scheduled: int = -1  # engine step it last ran in (groups take turns by age)
+    last_scheduled: int = -1  # engine step it last ran in (under the token budget the oldest go first)
     generator: Any = None  # torch.Generator for sampling (seeded per request, or from the engine's RNG)
     sample_after_prefill: bool = True  # the prefill's last logit gives the next token (False after preemption)
     prompt_lps: dict[int, Any] = field(default_factory=dict)  # prompt position -> Logprob, until the first output
@@ -139,6 +139,7 @@ class RequestOutput:
     mode: str
     logprobs: list[Logprob] | None = None  # one per new token when the request asked for logprobs
     prompt_logprobs: list[Logprob | None] | None = None  # with the first output: one per prompt token (first: None)
+    decoded: str | None = None  # with the finish, how an `auto` request was decoded (iterations by choice)
 
     @property
     def finished(self) -> bool:
@@ -152,9 +153,12 @@ class StepStats:
     `counters` and `observations` are the decoders' own (`engine.decoding.modes` names them), summed over the
     step's outcomes by the engine without knowing what they mean."""
 
-    forward_kind: Forward | None = None  # the batch's forward (None when the step ran none)
-    batch_size: int = 0
+    num_model_forwards: int = 0  # weight passes: 1 when the step ran the model (every kind rides in that one)
+    forward_kind: Forward | None = None  # the forward's leading section (None when the step ran none)
+    batch_size: int = 0  # sequences in the forward, all sections
     num_query_tokens: int = 0
+    seqs_by_forward: dict[Forward, int] = field(default_factory=dict)  # forward kind -> its sequences in the forward
+    rows_by_forward: dict[Forward, int] = field(default_factory=dict)  # forward kind -> its query rows (tokens)
     decode_forwards_by_mode: dict[str, int] = field(default_factory=dict)  # mode -> sequences in the forward
     counters: dict[str, int] = field(default_factory=dict)  # name -> sum over the step's outcomes
     observations: dict[str, list[float]] = field(default_factory=dict)  # name -> every outcome's value, in order

@@ -62,15 +62,19 @@ def server(ckpt: Path) -> Iterator[str]:
         yield url
 
 
+MIX = ",".join(f"{m}=1" for m in MODES)  # two requests of every mode
+N = 2 * len(MODES)
+
+
 def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     cfg = BenchmarkConfig(
         base_url=server,
-        num_prompts=6,
+        num_prompts=N,
         max_concurrency=3,
         input_len=12,
         output_len=8,
-        mode_mix="ar=1,diffusion=1,self_spec=1",
+        mode_mix=MIX,
         ignore_eos=True,
         no_progress=True,
         seed=1,
@@ -78,16 +82,16 @@ def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None
     )
     returned = asyncio.run(run_benchmark(cfg))
     result = json.loads(out.read_text())
-    assert result["completed"] == returned["completed"] == 6, result["errors"]
+    assert result["completed"] == returned["completed"] == N, result["errors"]
     for key in TOP_KEYS:
         assert key in result, key
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for stat in ("mean", "median", "std", "p50", "p90", "p99"):
             assert result[f"{stat}_{metric}_ms"] >= 0, (stat, metric)
     assert result["failed"] == 0 and result["errors"] == []
-    assert result["total_output_tokens"] == 6 * 8 and result["output_lens"] == [8] * 6  # ignore_eos: exact lengths
+    assert result["total_output_tokens"] == N * 8 and result["output_lens"] == [8] * N  # ignore_eos: exact lengths
     assert result["tokenize_used"] is True  # whole words fitted to ~12 char tokens with /tokenize
-    assert abs(result["total_input_tokens"] - 6 * 12) <= 6 * 4 and len(result["input_lens"]) == 6
+    assert abs(result["total_input_tokens"] - N * 12) <= N * 4 and len(result["input_lens"]) == N
     assert result["metrics_scraped"] is True
     assert sorted(result["modes"]) == sorted(MODES * 2)  # the server reports the mode it ran
     for mode in MODES:
@@ -100,7 +104,7 @@ def test_load_generator_against_live_server(server: str, tmp_path: Path) -> None
     for key in SPEC_KEYS:
         assert key in result["spec_decode"], key
     assert result["spec_decode"]["num_drafts"] > 0  # self_spec drafted
-    assert result["config"]["mode_mix"] == "ar=1,diffusion=1,self_spec=1"
+    assert result["config"]["mode_mix"] == MIX
 
 
 def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Path) -> None:

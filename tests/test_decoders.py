@@ -50,11 +50,14 @@ def test_forward_names_are_the_metric_labels_and_survive_pickling():
     assert BatchKey(Forward.DENOISE, True, 8, 4) != BatchKey(Forward.DENOISE, True, 8, 2)
 
 
-def test_every_counter_a_decoder_reports_reaches_its_series(tiny_llm):
+def test_every_counter_a_decoder_reports_reaches_its_series(tiny_llm, monkeypatch):
     """Run every mode, sum the engine's step counters by name, and feed the same steps to the server's metrics:
     the spec_decode_* counters and the denoise-steps histogram hold exactly those sums."""
     eng = tiny_llm.engine
     metrics = ServerMetrics("m")
+    # auto's choices follow measured costs: alternate them, so that both of its counters are certain to appear
+    monkeypatch.setattr(eng.decoder_ctx.auto, "decide", lambda seq, st: ("self_spec", 8) if (
+        st.ar_iterations + sum(st.rounds.values())) % 2 == 0 else ("ar", 0))
     for i, mode in enumerate(MODES * 2):
         eng.add_request(f"c{i}", [5 + i, 6, 7], SamplingParams(max_tokens=20, mode=mode, ignore_eos=True))
     counters: dict[str, int] = {}
@@ -75,6 +78,9 @@ def test_every_counter_a_decoder_reports_reaches_its_series(tiny_llm):
     assert value("trimode:spec_decode_num_drafts_total", label) == counters[modes.SPEC_DRAFTS] > 0
     assert value("trimode:spec_decode_num_draft_tokens_total", label) == counters[modes.SPEC_DRAFT_TOKENS]
     assert value("trimode:spec_decode_num_accepted_tokens_total", label) == counters[modes.SPEC_ACCEPTED_TOKENS]
+    for chosen in modes.AUTO_CHOICES:
+        assert value("trimode:auto_iterations_total", {**label, "chosen": chosen}) == \
+            counters[modes.AUTO_ITERATIONS[chosen]] > 0
     steps = observations[modes.DENOISE_STEPS_PER_BLOCK]
     assert value("trimode:diffusion_denoise_steps_per_block_count", label) == len(steps) > 0
     assert value("trimode:diffusion_denoise_steps_per_block_sum", label) == sum(steps)

@@ -1,4 +1,5 @@
-"""Scheduler and KV cache under pressure: preemption, chunked prefill, random add / abort / step interleavings."""
+"""Scheduler and KV cache under pressure: one forward per step for every kind, the token budget, preemption, chunked
+prefill, random add / abort / step interleavings over mixed modes, block lengths and step budgets."""
 
 import random
 
@@ -13,6 +14,20 @@ from engine.sequence import SamplingParams
 def _params(mode: str, max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, mode=mode, ignore_eos=True, threshold=0.8 if mode == "diffusion"
                           else None)
+
+
+def _mixed_params(x: int) -> SamplingParams:
+    """A request drawn from `x`: any mode, block length 4 or 8, diffusion step budgets 2 / 4 / whole block and
+    thresholds or not, self_spec one-shot or threshold drafting, 10-16 tokens."""
+    mode = MODES[x % 3]
+    if mode == "ar":
+        return _params(mode, 10 + x % 7)
+    block = (4, 8)[x // 3 % 2]
+    if mode == "self_spec":
+        return SamplingParams(max_tokens=10 + x % 7, mode=mode, ignore_eos=True, block_length=block,
+                              threshold=(None, 0.7)[x // 6 % 2])
+    return SamplingParams(max_tokens=10 + x % 7, mode=mode, ignore_eos=True, block_length=block,
+                          steps=min(block, (2, 4, 8)[x // 6 % 3]), threshold=(0.8, 1.0)[x // 18 % 2])
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -62,17 +77,51 @@ def test_chunked_prefill_keeps_greedy_outputs(tiny_llm, tiny_ckpt):
     assert [o.token_ids for o in chunked.generate(prompts, params)] == expected
 
 
-def test_every_forward_is_homogeneous_and_groups_take_turns(tiny_llm):
+def test_one_forward_per_step_carries_every_running_sequence_whatever_its_kind(tiny_llm):
     eng = tiny_llm.engine
-    kinds = []
+    kinds: set[str] = set()
+    widest = 0
     for i, p in enumerate(_prompts(9, seed=13)):
         eng.add_request(f"g{i}", p, _params(MODES[i % 3], 20))
     while eng.has_unfinished():
-        eng.step()
-        if eng.last_stats.forward_kind:
-            kinds.append(eng.last_stats.forward_kind)
-    # every kind ran, none waited behind another for long
-    assert {"prefill", "ar_decode", "denoise", "commit", "draft", "verify"} <= set(kinds)
+        finished = sum(o.finished for o in eng.step())
+        stats = eng.last_stats
+        assert stats.num_model_forwards == 1  # never a step without a forward while work is admitted
+        # every running sequence rode in the step's one forward (the budget is far from binding here)
+        assert stats.batch_size == sum(stats.seqs_by_forward.values()) == eng.num_running + finished
+        assert stats.num_query_tokens == sum(stats.rows_by_forward.values())
+        kinds |= {str(k) for k in stats.seqs_by_forward}
+        widest = max(widest, len(stats.seqs_by_forward))
+    assert kinds == {"prefill", "ar_decode", "denoise", "commit", "draft", "verify"}
+    assert widest >= 3  # ar decodes, drafts or verifies, and denoise or commit steps side by side
+
+
+def test_the_token_budget_caps_each_forward_decode_rows_go_first_and_no_sequence_starves(tiny_llm, tiny_ckpt):
+    """A 20-token budget against blocks of 8: rows take turns, oldest first; prefill chunks fill the room left;
+    nobody waits more than the rule allows and every greedy output equals an unconstrained run."""
+    prompts = _prompts(7, seed=16) + [[9] * 45]
+    params = [_params(MODES[i % 3], 14) for i in range(8)]
+    expected = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    llm = LLM(model=str(tiny_ckpt), num_kv_tokens=4096, max_num_batched_tokens=20)
+    eng = llm.engine
+    outs: dict[str, list[int]] = {}
+    for i, (p, q) in enumerate(zip(prompts, params)):
+        eng.add_request(f"b{i}", p, q)
+        outs[f"b{i}"] = []
+    step = 0
+    while eng.has_unfinished():
+        step += 1
+        for o in eng.step():
+            outs[o.request_id] += o.new_token_ids
+        stats = eng.last_stats
+        assert stats.num_query_tokens <= 20
+        assert stats.batch_size == sum(stats.seqs_by_forward.values())
+        # a sequence left out is the oldest next step: with at least two 8-token blocks per forward, eight
+        # sequences each run at least once every four steps
+        for seq in eng.scheduler.running:
+            assert step - seq.last_scheduled <= 4, (seq.request_id, step, seq.last_scheduled)
+    assert [outs[f"b{i}"] for i in range(8)] == expected
+    _drain(llm)
 
 
 def test_new_requests_prefill_in_the_same_forward_as_running_decodes(tiny_llm):
@@ -109,7 +158,7 @@ def test_random_add_abort_step_never_leaks_and_survivors_are_unchanged(tiny_ckpt
     llm = _pressure_llm(tiny_ckpt)
     eng = llm.engine
     rng_prompts = _prompts(8, seed=14)
-    live: dict[str, tuple[int, str]] = {}
+    live: dict[str, int] = {}
     outs: dict[str, list[int]] = {}
     done: dict[str, list[int]] = {}
     n = 0
@@ -117,9 +166,9 @@ def test_random_add_abort_step_never_leaks_and_survivors_are_unchanged(tiny_ckpt
         if op == "add":
             rid = f"r{n}"
             n += 1
-            live[rid] = (x % len(rng_prompts), MODES[x % 3])
+            live[rid] = x
             outs[rid] = []
-            eng.add_request(rid, rng_prompts[live[rid][0]], _params(live[rid][1], 10 + x % 7))
+            eng.add_request(rid, rng_prompts[x % len(rng_prompts)], _mixed_params(x))
         elif op == "abort" and live:
             rid = sorted(live)[x % len(live)]
             eng.abort_request(rid)
@@ -130,6 +179,7 @@ def test_random_add_abort_step_never_leaks_and_survivors_are_unchanged(tiny_ckpt
                 if o.finished:
                     done[o.request_id] = outs[o.request_id]
                     live.pop(o.request_id, None)
+            assert eng.last_stats.num_model_forwards <= 1
     while eng.has_unfinished():
         for o in eng.step():
             outs[o.request_id] += o.new_token_ids
@@ -140,19 +190,19 @@ def test_random_add_abort_step_never_leaks_and_survivors_are_unchanged(tiny_ckpt
     assert not live
     # survivors' greedy outputs equal an unconstrained run of the same request alone
     for rid, toks in done.items():
-        p_idx, mode, mt = _spec_of(rid, ops, rng_prompts)
-        key = (p_idx, mode, mt)
+        x = _x_of(rid, ops)
+        key = (x % len(rng_prompts), _mixed_params(x))
         if key not in _REFERENCE:
-            _REFERENCE[key] = _reference_llm(tiny_ckpt).generate([rng_prompts[p_idx]], _params(mode, mt))[0].token_ids
+            _REFERENCE[key] = _reference_llm(tiny_ckpt).generate([rng_prompts[key[0]]], key[1])[0].token_ids
         assert toks == _REFERENCE[key]
 
 
-def _spec_of(rid: str, ops, prompts) -> tuple[int, str, int]:
+def _x_of(rid: str, ops) -> int:
     n = 0
     for op, x in ops:
         if op == "add":
             if f"r{n}" == rid:
-                return x % len(prompts), MODES[x % 3], 10 + x % 7
+                return x
             n += 1
     raise AssertionError(rid)
 
@@ -161,15 +211,17 @@ _LLMS: dict[str, LLM] = {}
 
 
 def _pressure_llm(path) -> LLM:
-    # one engine reused across examples (every example drains it): 6 pages of 16 tokens force preemption
+    # one engine reused across examples (every example drains it): 6 pages of 16 tokens force preemption; its
+    # self_spec drafts use the draft LoRA and its denoise steps do not, so forwards mix rows with and without it
     if "p" not in _LLMS:
-        _LLMS["p"] = LLM(model=str(path), num_kv_tokens=96, max_model_len=96, max_num_seqs=4)
+        _LLMS["p"] = LLM(model=str(path), num_kv_tokens=96, max_model_len=96, max_num_seqs=4, draft_lora=True,
+                         diffusion_lora=False)
     return _LLMS["p"]
 
 
 def _reference_llm(path) -> LLM:
     if "r" not in _LLMS:
-        _LLMS["r"] = LLM(model=str(path), num_kv_tokens=4096)
+        _LLMS["r"] = LLM(model=str(path), num_kv_tokens=4096, draft_lora=True, diffusion_lora=False)
     return _LLMS["r"]
 
 
@@ -197,3 +249,38 @@ def test_a_failing_forward_fails_only_its_batch(tiny_llm):
     assert eng.num_free_blocks == eng.num_total_blocks
     out = tiny_llm.generate([[5, 6, 7]], _params("self_spec", 5))[0]
     assert len(out.token_ids) == 5
+
+
+def test_a_failing_forward_fails_every_mode_it_carried_and_no_waiting_request(tiny_ckpt):
+    """One forward carries every running sequence, so a failure inside it fails all of them, whatever their
+    modes; a request still waiting for admission is untouched and later decodes exactly as it would have."""
+    import pytest
+
+    from engine.engine import BatchError
+
+    llm = LLM(model=str(tiny_ckpt), num_kv_tokens=4096, max_num_seqs=2)
+    eng = llm.engine
+    prompts = _prompts(3, seed=17)
+    expected = _reference_llm(tiny_ckpt).generate([prompts[2]], _params("self_spec", 9))[0].token_ids
+    for rid, p, mode in zip(("ar", "diffusion", "waiting"), prompts, ("ar", "diffusion", "self_spec")):
+        eng.add_request(rid, p, _params(mode, 9))
+    eng.step()  # both running requests' prefill
+    run = eng.runner.run
+
+    def boom(batch):
+        raise RuntimeError("injected")
+
+    eng.runner.run = boom
+    try:
+        with pytest.raises(BatchError) as info:
+            eng.step()
+    finally:
+        eng.runner.run = run
+    assert sorted(info.value.request_ids) == ["ar", "diffusion"]
+    for rid in info.value.request_ids:
+        eng.abort_request(rid)
+    out: list[int] = []
+    while eng.has_unfinished():
+        out += [t for o in eng.step() for t in o.new_token_ids]
+    assert out == expected
+    assert eng.num_free_blocks == eng.num_total_blocks

@@ -78,19 +78,38 @@ PANELS: list = [
          f"sum(rate(trimode:spec_decode_num_draft_tokens_total{{{M}}}{R}))", "acceptance rate"),
     ], "Tokens committed per draft/verify iteration, bonus token included (NVIDIA's acceptance length); and the "
        "fraction of drafted tokens accepted."),
+    ("auto: iterations by choice", "ops", [
+        (f"sum by (chosen) (rate(trimode:auto_iterations_total{{{M}}}{R}))", "{{chosen}}"),
+        (f"sum(rate(trimode:auto_iterations_total{{{M}, chosen=\"self_spec\"}}{R})) / "
+         f"sum(rate(trimode:auto_iterations_total{{{M}}}{R}))", "self_spec share"),
+    ], "What mode auto decoded its iterations with, per second: ar decodes and self_spec draft/verify rounds (never "
+       "diffusion, whose output is not the AR model's); the self_spec share rises at low load and falls under load."),
     ("Diffusion denoise steps per block", "short", [
         (f"sum(rate(trimode:diffusion_denoise_steps_per_block_sum{{{M}}}{R})) / "
          f"sum(rate(trimode:diffusion_denoise_steps_per_block_count{{{M}}}{R}))", "mean"),
         (f"histogram_quantile(0.9, sum by (le) (rate(trimode:diffusion_denoise_steps_per_block_bucket{{{M}}}{R})))",
          "p90"),
     ], "Denoise forwards spent per committed diffusion block (fewer with a lower threshold or step budget)."),
+    ("Weight passes per generated token", "short", [
+        (f"sum(rate(trimode:model_forwards_total{{{M}}}{R})) / "
+         f"sum(rate(trimode:generation_tokens_total{{{M}}}{R}))", "weight passes / token"),
+    ], "Engine forwards (each one pass over the weights, carrying every running sequence's next forward whatever "
+       "its kind) per generated token, all modes together: the GPU cost of a token. Mixing modes lowers it."),
+    ("Weight passes/s and the kinds they carried", "ops", [
+        (f"sum(rate(trimode:model_forwards_total{{{M}}}{R}))", "weight passes"),
+        (f"sum by (forward_kind) (rate(trimode:batch_size_count{{{M}}}{R}))", "carrying {{forward_kind}}"),
+    ], "Engine forwards per second, and how many of them carried rows of each forward kind (one forward carries "
+       "several kinds, so the kinds add up to more than the forwards)."),
+    ("Rows per forward by forward kind", "short", [
+        (f"sum by (forward_kind) (rate(trimode:forward_rows_sum{{{M}}}{R})) / "
+         f"scalar(sum(rate(trimode:model_forwards_total{{{M}}}{R})))", "{{forward_kind}}"),
+    ], "Mean query rows (tokens) of each forward kind per engine forward: how a forward's rows split between "
+       "prefill chunks, ar decodes, verify, commit, draft and denoise blocks."),
     ("Batch size by forward kind", "short", [
         (f"sum by (forward_kind) (rate(trimode:batch_size_sum{{{M}}}{R})) / "
          f"sum by (forward_kind) (rate(trimode:batch_size_count{{{M}}}{R}))", "{{forward_kind}} mean"),
-    ], "Mean sequences per forward for each forward kind (prefill, ar_decode, denoise, commit, draft, verify)."),
-    ("Forwards/s by forward kind", "ops", [
-        (f"sum by (forward_kind) (rate(trimode:batch_size_count{{{M}}}{R}))", "{{forward_kind}}"),
-    ], "Engine forwards per second for each forward kind."),
+    ], "Mean sequences of each forward kind per forward that carried that kind (prefill, ar_decode, denoise, "
+       "commit, draft, verify)."),
 ]
 
 

@@ -134,6 +134,9 @@ void silu_mul_kernel(const T* gu, T* out, int64_t rows, int64_t inter) {
 }
 
 // ---- decode attention: one query per sequence, keys and values read from their pages in place ------------------
+// Sequence b's only query is row rows[b] of q and its result goes to the same row of out, so the one-token rows of
+// a ragged forward (decodes of any kind) are read and written in place among the others' rows. A sequence's
+// result depends on nothing else in the call: the same bits whatever shares the forward.
 constexpr int64_t kPrefetchRows = 4;  // cache slots ahead: the pages of a sequence are not adjacent in the pool
 
 template <typename T>
@@ -143,9 +146,10 @@ inline void prefetch_row(const T* base, int64_t slot, int64_t row) {
 }
 
 template <typename T>
-void decode_attention_kernel(const T* q, int64_t q_seq_stride, int64_t q_head_stride, const T* kc, const T* vc,
-                             const int64_t* tables, int64_t max_blocks, const int64_t* lens, T* out, int64_t b,
-                             int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale) {
+void decode_attention_kernel(const T* q, int64_t q_row_stride, int64_t q_head_stride, const T* kc, const T* vc,
+                             const int64_t* tables, int64_t max_blocks, const int64_t* rows, const int64_t* lens,
+                             T* out, int64_t out_row_stride, int64_t b, int64_t hq, int64_t hkv, int64_t d,
+                             int64_t block_size, float scale) {
   const int64_t group = hq / hkv;
   const int64_t row = hkv * d;  // elements per cache slot: every KV head of one position
   // One sequence per work item, its slots read in order, every head at once: the cache rows stream from DRAM
@@ -157,7 +161,7 @@ void decode_attention_kernel(const T* q, int64_t q_seq_stride, int64_t q_head_st
       const int64_t* table = tables + seq * max_blocks;
       auto slot = [&](int64_t j) { return table[j / block_size] * block_size + j % block_size; };
       for (int64_t h = 0; h < hq; ++h) {
-        const T* qh = q + seq * q_seq_stride + h * q_head_stride;
+        const T* qh = q + rows[seq] * q_row_stride + h * q_head_stride;
         float* qd = qf.data() + h * d;
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) qd[i] = load(qh, i) * scale;
@@ -207,7 +211,7 @@ void decode_attention_kernel(const T* q, int64_t q_seq_stride, int64_t q_head_st
         }
       }
       for (int64_t h = 0; h < hq; ++h) {
-        T* o = out + (seq * hq + h) * d;
+        T* o = out + rows[seq] * out_row_stride + h * d;
         const float* a = acc.data() + h * d;
         const float inv = inv_sum[h];
 #pragma omp simd
@@ -273,20 +277,22 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return out;
 }
 
-// q [B, Hq, D] (unit stride in D), k / v cache [slots, Hkv, D] contiguous, tables [B, max_blocks] int64, lens [B]
-// int64 (keys per sequence, this step's included) -> [B, Hq, D].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& tables, const at::Tensor& lens, int64_t block_size, double scale) {
-  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2), hkv = k_cache.size(1);
-  auto out = at::empty({b, hq, d}, q.options());
+// q [T, Hq, D] (unit stride in D), k / v cache [slots, Hkv, D] contiguous, tables [B, max_blocks], rows [B] and
+// lens [B] int64 (lens: keys per sequence, this step's included), out [T, Hq, D] contiguous: sequence b's query is
+// q[rows[b]] and its result goes to out[rows[b]] (the other rows of out are left alone).
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& tables, const at::Tensor& rows, const at::Tensor& lens, at::Tensor& out,
+                      int64_t block_size, double scale) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == q.scalar_type(), "decode_attention: out must be a "
+              "contiguous tensor of q's dtype");
+  const int64_t b = tables.size(0), hq = q.size(1), d = q.size(2), hkv = k_cache.size(1);
   dispatch(q, "decode_attention", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     decode_attention_kernel<T>(ptr<T>(q), q.stride(0), q.stride(1), ptr<T>(k_cache),
                                ptr<T>(v_cache), tables.data_ptr<int64_t>(), tables.size(1),
-                               lens.data_ptr<int64_t>(), ptr<T>(out), b, hq, hkv, d, block_size,
-                               static_cast<float>(scale));
+                               rows.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), ptr<T>(out), out.stride(0), b,
+                               hq, hkv, d, block_size, static_cast<float>(scale));
   });
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.forward import ForwardRequest
 from engine.sampling import token_logprobs
 from engine.sequence import Logprob, Sequence
+
+if TYPE_CHECKING:
+    from engine.decoding.auto import AutoPlanner
 
 
 @dataclass(slots=True)
@@ -33,11 +37,13 @@ class Outcome:
 
 @dataclass(frozen=True)
 class DecoderContext:
-    """What decoders need from the engine: the mask id and which bidirectional forwards use the draft LoRA."""
+    """What decoders need from the engine: the mask id, which bidirectional forwards use the draft LoRA, and the
+    engine's `auto` planner (its forward costs and acceptance estimates; None on a plain causal checkpoint)."""
 
     mask_id: int | None
     spec_lora: bool = False  # self_spec drafts
     diffusion_lora: bool = False  # diffusion denoise steps
+    auto: AutoPlanner | None = field(default=None, compare=False)
 
 
 def emit_tokens(tokens: list[int], rows: torch.Tensor, seq: Sequence, ctx: DecoderContext, *, num_kv_kept: int = 0,
@@ -65,3 +71,7 @@ class Decoder(ABC):
         (the forward the round still owed would have done so)."""
         seq.state = None
         return False
+
+    def describe(self, seq: Sequence) -> str | None:
+        """How `seq` was decoded, for the request's log line, when the mode alone does not say it (`auto`)."""
+        return None

@@ -1,11 +1,30 @@
-"""`self_spec`: linear self-speculation, as the reference `linear_spec_generate`, batched.
+"""`self_spec`: linear self-speculation, as the reference `linear_spec_generate`, batched, with lossless
+speculative sampling at temperature > 0.
 
-Each iteration is two forwards over `[seed, d1 ... dk]` (k = L - 1, fewer near `max_tokens`): a bidirectional
+Each round is two forwards over `[seed, d1 ... dk]` (k = L - 1, fewer near `max_tokens`): a bidirectional
 read-only draft (draft LoRA on when the checkpoint ships one) that fills the masks, then a causal verify that
-writes K/V. `ar[i]` is the AR token for position i + 1; the longest prefix with `ar[i] == d(i+1)` is accepted plus
-one bonus token, so `ar[0 .. c]` is emitted and the seed + c drafts stay committed; the rejected K/V is cropped
-and the bonus becomes the next seed. Acceptance is exact match at every temperature, so greedy output equals
-greedy `ar` token for token.
+writes K/V and gives p_i, the AR distribution of draft position i given the context and d_1 .. d_{i-1}. The c
+drafts kept and one more token are emitted; the seed + c drafts stay committed, the rejected K/V is cropped and the
+last token becomes the next seed. Which drafts are kept, by temperature and drafting (every rule is exact: the
+emitted tokens follow the AR distribution, so greedy output equals greedy `ar` token for token):
+
+- T = 0: argmax drafts; keep while d_i == argmax p_i; then argmax p (the AR token).
+- T > 0, one draft forward (no `threshold`): d_i ~ q_i, the draft distribution after the request's temperature,
+  top-k and top-p, every position drawn independently; keep d_i with probability min(1, p_i(d_i) / q_i(d_i)); at
+  the first rejection emit a draw from norm(max(0, p_i - q_i)), and if all are kept the bonus from p.
+- T > 0 with `threshold` (several draft forwards, committed out of order): argmax drafts (a one-hot q); keep d_i
+  with probability p_i(d_i); at the first rejection emit a draw from p_i without d_i, else the bonus from p.
+- keyed rounds (`auto`'s seeded requests at T > 0): drafts argmax(log q_i + g_i); keep while d_i == argmax(log p_i
+  + g_i); then argmax(log p + g).
+
+Speculative sampling needs d_i drawn from q_i independently of d_<i and of the earlier coins, which a one-shot
+draft gives (every position is drawn from the context alone). Threshold drafting commits positions out of order
+over several forwards, so d_i may depend on later drafts; with argmax drafts the drafter is deterministic given the
+context, and a one-hot q is exact for any deterministic drafter. Keyed rounds use the noise g_i of the token's
+absolute position and the request's seed (`engine.sampling.keyed_gumbel`): the output token of a position is
+argmax(log p + g) whoever drafted, which makes an `auto` request's seeded output independent of its ar / self_spec
+choices. Every random draw comes from the sequence's own generator (or its seed), so seeded requests are
+reproducible and independent of the batch.
 """
 
 from __future__ import annotations
@@ -18,49 +37,129 @@ from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.diffusion import commit_count
 from engine.decoding.modes import SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
 from engine.forward import BatchKey, Forward, ForwardRequest
-from engine.sampling import denoise_pick, sample
+from engine.sampling import (
+    exclude,
+    greedy,
+    keyed_gumbel,
+    keyed_pick,
+    probabilities,
+    speculative_verify,
+)
 from engine.sequence import Sequence
 
 
 @dataclass
 class SpecState:
     block: list[int]  # [seed, d1 ... dk]; masks while drafting
+    block_length: int  # this round's L (the batching key)
+    start: int  # absolute index of the token after the seed (the first verify row's position)
     drafted: bool = False
+    keyed: bool = False  # a keyed round (see the module docstring)
+    q: torch.Tensor | None = None  # one-shot sampled drafts: the q_i rows [k, V]; None = deterministic drafts
+    noise: torch.Tensor | None = None  # keyed rounds: Gumbel rows of positions start .. start + k, made once
+    draft_forwards: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """What a finished round did: its Outcome, and the acceptance figures `auto` learns from."""
+
+    outcome: Outcome
+    accepted: int  # drafts kept
+    drafted: int  # drafts checked (k)
+    draft_forwards: int
 
 
 class SelfSpec(Decoder):
-    def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
-        p = seq.params
-        assert p.block_length is not None
-        if seq.state is None:
-            # never draft past max_tokens: k drafts + the bonus give at most k + 1 tokens
-            k = min(p.block_length - 1, p.max_tokens - seq.num_output_tokens - 1)
-            seq.state = SpecState([seq.token_ids[-1]] + [ctx.mask_id] * k, drafted=k == 0)
-        st: SpecState = seq.state
+    # ---- the round as steps over an explicit state (`auto` drives the same rounds with its own block length) ----
+    @staticmethod
+    def begin(seq: Sequence, ctx: DecoderContext, block_length: int, keyed: bool = False) -> SpecState:
+        """A new round of `block_length` over `seq`'s newest token; never drafts past `max_tokens` (k drafts +
+        the token after them give at most k + 1 tokens)."""
+        k = max(0, min(block_length - 1, seq.params.max_tokens - seq.num_output_tokens - 1))
+        return SpecState([seq.token_ids[-1]] + [ctx.mask_id] * k, block_length, len(seq.token_ids), drafted=k == 0,
+                         keyed=keyed)
+
+    @staticmethod
+    def request(st: SpecState, ctx: DecoderContext) -> ForwardRequest:
         if not st.drafted:
-            key = BatchKey(Forward.DRAFT, draft_lora=ctx.spec_lora, block_length=p.block_length)
+            key = BatchKey(Forward.DRAFT, draft_lora=ctx.spec_lora, block_length=st.block_length)
             return ForwardRequest(key, list(st.block), all_logits=True)
-        return ForwardRequest(BatchKey(Forward.VERIFY, block_length=p.block_length), list(st.block), all_logits=True)
+        return ForwardRequest(BatchKey(Forward.VERIFY, block_length=st.block_length), list(st.block),
+                              all_logits=True)
+
+    def advance(self, st: SpecState, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                ctx: DecoderContext) -> RoundResult | None:
+        """Consume one forward of the round; the RoundResult once the verify has run, None while drafting."""
+        if req.forward == Forward.DRAFT:
+            self._draft(st, seq, logits, ctx)
+            return None
+        return self._verify(st, seq, logits, ctx)
+
+    # ---- the mode's own decoder interface ----
+    def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
+        assert seq.params.block_length is not None
+        if seq.state is None:
+            seq.state = self.begin(seq, ctx, seq.params.block_length)
+        return self.request(seq.state, ctx)
 
     def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
-        st: SpecState = seq.state
-        p = seq.params
-        if req.forward == Forward.DRAFT:
-            masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
-            x0, conf = denoise_pick(logits[masked], p, seq.generator, ctx.mask_id)
-            if p.threshold is None:  # reference default (threshold 0): one forward fills every mask
-                n = len(masked)
-            else:
-                n = commit_count(len(masked), len(masked), int((conf >= p.threshold).sum()), p.threshold)
-            for j in torch.argsort(conf, descending=True, stable=True)[:n].tolist():
-                st.block[masked[j]] = int(x0[j])
-            st.drafted = n == len(masked)
+        done = self.advance(seq.state, seq, req, logits, ctx)
+        if done is None:
             return Outcome([])
-        ar = sample(logits, p, seq.generator, ctx.mask_id)  # ar[i]: the AR token for block position i + 1
-        k = len(st.block) - 1
-        c = 0
-        while c < k and ar[c] == st.block[c + 1]:
-            c += 1
         seq.state = None
-        return emit_tokens(ar[: c + 1], logits[: c + 1], seq, ctx, num_kv_kept=c + 1,
-                           counters={SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k, SPEC_ACCEPTED_TOKENS: c})
+        if ctx.auto is not None:  # self_spec rounds teach auto the checkpoint's acceptance too
+            ctx.auto.learn(seq.params, False, done.accepted, done.drafted, done.draft_forwards)
+        return done.outcome
+
+    # ---- the two forwards ----
+    @staticmethod
+    def _noise(st: SpecState, seq: Sequence, vocab: int) -> torch.Tensor:
+        if st.noise is None:
+            assert seq.params.seed is not None
+            st.noise = keyed_gumbel(seq.params.seed, list(range(st.start, st.start + len(st.block))), vocab)
+        return st.noise
+
+    def _draft(self, st: SpecState, seq: Sequence, logits: torch.Tensor, ctx: DecoderContext) -> None:
+        p = seq.params
+        st.draft_forwards += 1
+        masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
+        rows = exclude(logits[masked], ctx.mask_id)
+        conf: torch.Tensor | None = None
+        if p.temperature > 0 and st.keyed:
+            x0 = keyed_pick(rows, p, None, self._noise(st, seq, rows.shape[-1])[[i - 1 for i in masked]])
+        elif p.temperature > 0 and p.threshold is None:
+            q = probabilities(rows, p, None)
+            x0 = torch.multinomial(q, 1, generator=seq.generator).squeeze(-1)
+            st.q = q  # one-shot: `masked` is every draft position, in order, so row i is q of d_{i+1}
+        else:  # greedy, or threshold drafting at T > 0: argmax drafts (a deterministic drafter)
+            x0 = greedy(rows)
+        if p.threshold is None:  # reference default (threshold 0): one forward fills every mask
+            n = len(masked)
+        else:
+            conf = rows.softmax(-1).gather(-1, x0[:, None]).squeeze(-1)
+            n = commit_count(len(masked), len(masked), int((conf >= p.threshold).sum()), p.threshold)
+        order = range(n) if conf is None else torch.argsort(conf, descending=True, stable=True)[:n].tolist()
+        for j in order:
+            st.block[masked[j]] = int(x0[j])
+        st.drafted = n == len(masked)
+
+    def _verify(self, st: SpecState, seq: Sequence, logits: torch.Tensor, ctx: DecoderContext) -> RoundResult:
+        p = seq.params
+        drafts = st.block[1:]
+        k = len(drafts)
+        if p.temperature == 0 or st.keyed:
+            if p.temperature == 0:
+                picks = greedy(exclude(logits, ctx.mask_id)).tolist()  # picks[i]: the AR token of position i + 1
+            else:
+                picks = keyed_pick(logits, p, ctx.mask_id, self._noise(st, seq, logits.shape[-1])).tolist()
+            c = 0
+            while c < k and picks[c] == drafts[c]:
+                c += 1
+            tokens = picks[: c + 1]
+        else:
+            c, nxt = speculative_verify(probabilities(logits, p, ctx.mask_id), drafts, st.q, seq.generator)
+            tokens = drafts[:c] + [nxt]
+        out = emit_tokens(tokens, logits[: c + 1], seq, ctx, num_kv_kept=c + 1,
+                          counters={SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k, SPEC_ACCEPTED_TOKENS: c})
+        return RoundResult(out, c, k, st.draft_forwards)

@@ -1,6 +1,6 @@
 """The benchmark suite: ``python -m loadtest.suite``. One run, one machine, the same weights throughout.
 
-Three parts (``--parts``, all by default), each started on its own so one failing part does not stop the others:
+Four parts (``--parts``, all by default), each started on its own so one failing part does not stop the others:
 
 1. ``overhead``: the server against the offline engine at one concurrency C (default 8). Offline is
    ``LLM(max_num_seqs=C).generate`` of all N prompts at once (the scheduler keeps at most C in flight); the
@@ -13,6 +13,9 @@ Three parts (``--parts``, all by default), each started on its own so one failin
    the crossover is the first concurrency where ar's output tok/s >= self_spec's. ``--mode-rounds`` rounds, each
    running every level with the three modes back to back; a cell is its median round. Every level sends the same
    prompts.
+2b. ``mixed`` (loadtest/suite/mixed.py): a 1:1:1 mix of the three modes at concurrency 3, 6 and 12 against each mode
+   alone at a third of it, on the same server and prompts: output tok/s, TPOT per mode, weight passes (engine
+   forwards) per generated token, greedy texts compared; and the same mix's engine forwards counted offline.
 3. ``transformers``: SmolLM2-135M-Instruct in ar mode, trimode's server against
    ``transformers serve --continuous-batching`` (``--dtype``, fp32 by default, CPU, same local weights, prompts and
    concurrency levels).
@@ -30,6 +33,6 @@ result), ``modes.png``, ``summary.md`` (tables), ``prompts-*.jsonl`` and ``logs/
 
 Layout: ``settings`` (flags and defaults), ``machine`` (machine description, load sampling, /proc CPU seconds, CPU
 placement), ``servers`` (server subprocesses), ``prompts``, ``measure`` (one load-generator run and its figures),
-``overhead``, ``modes`` and ``vs_transformers`` (the three parts), ``report`` (summary.md, modes.png, suite.json)
+``overhead``, ``modes``, ``mixed`` and ``vs_transformers`` (the parts), ``report`` (summary.md, modes.png, suite.json)
 and ``run`` (the run itself; ``__main__`` calls it).
 """

@@ -50,6 +50,7 @@ def bench(
     extra_body: dict[str, Any] | None = None,
     knobs: dict[str, Any] | None = None,
     seed: int = 0,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
     """One load-generator run against ``url`` (first ``n`` prompts of ``dataset``, at most ``concurrency``
     in flight, all arriving at once)."""
@@ -64,6 +65,7 @@ def bench(
         no_progress=True,
         tokenize=False,
         seed=seed,
+        temperature=temperature,
         extra_body=dict(extra_body or {}),
         **(knobs or {}),
     )
@@ -76,7 +78,7 @@ def summarize(result: dict[str, Any], mode: str | None = None) -> dict[str, Any]
     if mode is not None:
         out["tokens_per_forward"] = (result.get("tokens_per_forward") or {}).get(mode)
         spec = result.get("spec_decode") or {}
-        if mode == "self_spec" and spec.get("num_drafts"):
+        if mode in ("self_spec", "auto") and spec.get("num_drafts"):  # auto: its self_spec rounds
             out["acceptance_length"] = spec.get("acceptance_length")
             out["acceptance_rate"] = spec.get("acceptance_rate")
     out["errors"] = list(result.get("errors") or [])[:3]

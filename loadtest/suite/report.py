@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loadtest.suite.modes import crossover_note
+from loadtest.suite.mixed import summary_lines as mixed_lines
+from loadtest.suite.modes import AUTO_TARGET, crossover_note
 from loadtest.suite.overhead import OVERHEAD_TARGET
 
 
@@ -19,6 +20,42 @@ def fmt(v: Any, digits: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def modes_table(part: dict[str, Any], temperature: float, fmt: Any) -> list[str]:
+    """Part 2's table at one temperature, its crossover and auto's ratio to the better of ar and self_spec."""
+    lines = [
+        "",
+        f"### Temperature {temperature:g}",
+        "",
+        "| mode | concurrency | requests | output tok/s | each round | tok per server CPU s | mean TTFT ms "
+        "| mean TPOT ms | tokens/forward | self-speculation acceptance length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, rows in part["table"].items():
+        for r in rows:
+            each = ", ".join(fmt(x, 0) for x in r.get("rounds_output_throughput", []))
+            lines.append(
+                f"| {mode} | {r['concurrency']} | {r['completed']}/{r['num_prompts']} | "
+                f"{fmt(r['output_throughput'])} | {each} | {fmt(r.get('tokens_per_server_cpu_second'))} | "
+                f"{fmt(r['mean_ttft_ms'], 0)} | "
+                f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} | "
+                f"{fmt(r.get('acceptance_length'), 2) if mode in ('self_spec', 'auto') else ''} |"
+            )
+    lines += ["", f"**{part['crossover_note'][0].upper()}{part['crossover_note'][1:]}.**"]
+    if part.get("crossover_by_round"):
+        lines.append("Crossover by round: " + ", ".join(
+            "none" if c is None else str(c) for c in part["crossover_by_round"]) + ".")
+    ratios = part.get("auto_vs_best")
+    if ratios:
+        lines.append(
+            "auto / the better of ar and self_spec: " + ", ".join(f"{c}: {r:.2f}x" for c, r in ratios.items())
+            + f"; target >= {AUTO_TARGET:.2f}x at every level: **{fmt(part.get('auto_target_met'))}**.")
+    cpu = part.get("auto_vs_best_per_cpu_second")
+    if cpu:
+        lines.append("The same per server CPU second (robust to other processes' load): "
+                     + ", ".join(f"{c}: {r:.2f}x" for c, r in cpu.items()) + ".")
+    return lines
 
 
 def summary_markdown(res: dict[str, Any]) -> str:
@@ -75,27 +112,15 @@ def summary_markdown(res: dict[str, Any]) -> str:
             f"knobs "
             f"{md['knobs'] or 'server defaults'})",
             "",
-            f"Median of {md.get('rounds', 1)} round(s); each round runs every level with the three modes back to "
-            "back.",
-            "",
-            "| mode | concurrency | requests | output tok/s | each round | mean TTFT ms | mean TPOT ms "
-            "| tokens/forward | self_spec acceptance length |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"Median of {md.get('rounds', 1)} round(s); each round runs every temperature and level with the modes "
+            "back to back.",
         ]
-        for mode, rows in md["table"].items():
-            for r in rows:
-                each = ", ".join(fmt(x, 0) for x in r.get("rounds_output_throughput", []))
-                lines.append(
-                    f"| {mode} | {r['concurrency']} | {r['completed']}/{r['num_prompts']} | "
-                    f"{fmt(r['output_throughput'])} | {each} | {fmt(r['mean_ttft_ms'], 0)} | "
-                    f"{fmt(r['mean_tpot_ms'])} | {fmt(r['tokens_per_forward'], 2)} | "
-                    f"{fmt(r.get('acceptance_length'), 2) if mode == 'self_spec' else ''} |"
-                )
-        lines += ["", f"**{md['crossover_note'][0].upper()}{md['crossover_note'][1:]}.**"]
-        if md.get("crossover_by_round"):
-            lines.append("Crossover by round: " + ", ".join(
-                "none" if c is None else str(c) for c in md["crossover_by_round"]) + ".")
+        temps = md.get("by_temperature") or {str(md.get("temperatures", [0.0])[0]): md}
+        for t, part in temps.items():
+            lines += modes_table(part, float(t), fmt)
         lines += ["", "![modes](modes.png)"]
+    if res.get("mixed"):
+        lines += mixed_lines(res["mixed"], fmt)
     tf = res.get("transformers")
     if tf:
         lines += [
@@ -148,45 +173,49 @@ def summary_markdown(res: dict[str, Any]) -> str:
 
 
 def plot_modes(modes: dict[str, Any], path: Path, title: str) -> None:
+    """Output tok/s, TPOT and TTFT by concurrency, one line per mode (auto's included), one row per temperature."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    temps = modes.get("by_temperature") or {str(modes.get("temperatures", [0.0])[0]): modes}
+    fig, grid = plt.subplots(len(temps), 3, figsize=(15, 4.6 * len(temps)), squeeze=False)
     panels = (
         ("output_throughput", "output tok/s"),
         ("mean_tpot_ms", "mean TPOT (ms)"),
         ("mean_ttft_ms", "mean TTFT (ms)"),
     )
-    for ax, (key, label) in zip(axes, panels):
-        for mode, rows in modes["table"].items():
-            xs = [r["concurrency"] for r in rows if r.get(key) is not None]
-            ys = [r[key] for r in rows if r.get(key) is not None]
-            line = ax.plot(xs, ys, marker="o", label=mode)[0]
-            if key == "output_throughput":
-                for r in rows:
-                    if r.get("tokens_per_forward") and r.get(key) is not None:
-                        ax.annotate(
-                            f"{r['tokens_per_forward']:.2f}",
-                            (r["concurrency"], r[key]),
-                            fontsize=7,
-                            textcoords="offset points",
-                            xytext=(0, 6),
-                            ha="center",
-                            color=line.get_color(),
-                        )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(modes["concurrencies"], [str(c) for c in modes["concurrencies"]])
-        ax.set_xlabel("concurrency (max in-flight requests)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        if modes.get("crossover_concurrency"):
-            ax.axvline(modes["crossover_concurrency"], color="grey", ls="--", lw=1)
-    axes[0].set_title("output tok/s (labels: tokens per forward)", fontsize=9)
-    axes[0].legend()
-    cross = modes.get("crossover_concurrency")
-    fig.suptitle(f"{title}: {crossover_note(cross, modes['concurrencies'])}", fontsize=10)
+    for axes, (t, part) in zip(grid, temps.items()):
+        for ax, (key, label) in zip(axes, panels):
+            for mode, rows in part["table"].items():
+                xs = [r["concurrency"] for r in rows if r.get(key) is not None]
+                ys = [r[key] for r in rows if r.get(key) is not None]
+                style = {"lw": 2.5, "ls": "--"} if mode == "auto" else {}
+                line = ax.plot(xs, ys, marker="o", label=mode, **style)[0]
+                if key == "output_throughput":
+                    for r in rows:
+                        if r.get("tokens_per_forward") and r.get(key) is not None:
+                            ax.annotate(
+                                f"{r['tokens_per_forward']:.2f}",
+                                (r["concurrency"], r[key]),
+                                fontsize=7,
+                                textcoords="offset points",
+                                xytext=(0, 6),
+                                ha="center",
+                                color=line.get_color(),
+                            )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(modes["concurrencies"], [str(c) for c in modes["concurrencies"]])
+            ax.set_xlabel("concurrency (max in-flight requests)")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if part.get("crossover_concurrency"):
+                ax.axvline(part["crossover_concurrency"], color="grey", ls="--", lw=1)
+        axes[0].set_title(f"T={float(t):g}: output tok/s (labels: tokens per forward); "
+                          f"{crossover_note(part.get('crossover_concurrency'), modes['concurrencies'])}", fontsize=8)
+        axes[0].legend()
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

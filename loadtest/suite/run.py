@@ -15,6 +15,7 @@ from typing import Any
 
 from loadtest.suite.machine import LoadSampler, cpu_plan, machine_info
 from loadtest.suite.measure import log
+from loadtest.suite.mixed import part_mixed
 from loadtest.suite.modes import part_modes
 from loadtest.suite.overhead import part_overhead
 from loadtest.suite.prompts import build_prompts, load_local_tokenizer
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, plan.api)  # the load generator stays off the engine's CPUs
     sampler = LoadSampler().start()
     try:
-        if {"overhead", "modes"} & set(s.parts):
+        if {"overhead", "modes", "mixed"} & set(s.parts):
             model = resolve_model(s)
             res["model"] = model
             res["model_is_builtin"] = is_builtin(model)
             tok = load_local_tokenizer(model)
-            n = max([prompts_for(c, s.per_slot, s.min_prompts) for c in s.concurrencies] + [s.overhead_prompts])
+            n = max([prompts_for(c, s.per_slot, s.min_prompts) for c in s.concurrencies]
+                    + [s.overhead_prompts, s.mixed_prompts])
             dataset = s.out_dir / "prompts-model.jsonl"
             rows = build_prompts(tok, n, s.input_len, s.output_len, s.seed, dataset, s.dataset)
             res["prompts"] = prompts_desc(s)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = server.start(s.startup_timeout)
             except ServerStartError as exc:
                 server.stop()
-                for part in {"overhead", "modes"} & set(s.parts):
+                for part in {"overhead", "modes", "mixed"} & set(s.parts):
                     res.setdefault("part_errors", {})[part] = f"ServerStartError: {exc}"
                 url = None
             try:
@@ -111,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     write_outputs(res, s.out_dir)
                 if url and "modes" in s.parts:
-                    run_part(res, "modes", sampler, lambda: part_modes(s, model, url, dataset))
+                    run_part(res, "modes", sampler, lambda: part_modes(s, model, url, dataset, server.pid))
                     if "modes" in res:
                         title = f"{Path(model).name}{'' if res['model_is_builtin'] else ' (not the built-in model)'}"
                         plot_modes(res["modes"], s.out_dir / "modes.png", title)
+                    write_outputs(res, s.out_dir)
+                if url and "mixed" in s.parts:
+                    run_part(res, "mixed", sampler, lambda: part_mixed(
+                        model, url, rows, tok, s.mixed_concurrencies, s.mixed_prompts, s.output_len, s.dtype, s.knobs,
+                        log))
                     write_outputs(res, s.out_dir)
             finally:
                 server.stop()

@@ -44,6 +44,10 @@ class Settings:
     hf_output_len: int
     hf_rounds: int = 1
     mode_rounds: int = 1
+    mode_temperatures: list[float] = field(default_factory=lambda: [0.0])  # part 2: one table per temperature
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # part 2: the modes compared
+    mixed_concurrencies: list[int] = field(default_factory=lambda: [3, 6, 12])
+    mixed_prompts: int = 48
     engine_cpus: str = "auto"
     knobs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -53,6 +57,23 @@ class Settings:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def parse_temperatures(spec: str) -> list[float]:
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected temperatures >= 0, got {spec!r}")
+    return values
+
+
+def parse_modes(spec: str) -> list[str]:
+    values = [v.strip() for v in spec.split(",") if v.strip()]
+    if not values or any(v not in MODES for v in values):
+        raise argparse.ArgumentTypeError(f"expected modes among {', '.join(MODES)}, got {spec!r}")
+    return values
 
 
 def prompts_for(concurrency: int, per_slot: int, minimum: int) -> int:
@@ -78,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. the built-in model's held-out prompts, training/data/prompts.jsonl)",
     )
     p.add_argument("--out-dir", default="bench-results")
-    p.add_argument("--parts", default="overhead,modes,transformers", help="comma list of parts to run")
+    p.add_argument("--parts", default="overhead,modes,mixed,transformers", help="comma list of parts to run")
     p.add_argument("--quick", action="store_true", help="smoke test: few prompts, short outputs, fewer levels")
     p.add_argument(
         "--dtype",
@@ -110,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 3; quick 1); per side and level the median round is reported")
     p.add_argument("--mode-rounds", type=int, help="part 2 rounds; each runs every level with the three modes back to "
                    "back (default 3; quick 1); per mode and level the median round is reported")
+    p.add_argument("--mode-temperatures", type=parse_temperatures, help="part 2 sampling temperatures, one table "
+                   "each, every round running all of them (default 0,0.7; quick 0)")
+    p.add_argument("--modes", type=parse_modes, help=f"part 2 modes (default all: {','.join(MODES)})")
+    p.add_argument("--mixed-concurrencies", type=parse_ints, help="mixed part: concurrencies of the 1:1:1 mix, each "
+                   "mode alone at a third (default 3,6,12; quick 3)")
+    p.add_argument("--mixed-prompts", type=int, help="mixed part: requests per run, a multiple of 3 (default 48; "
+                   "quick 6)")
     p.add_argument("--engine-cpus", default="auto", help="trimode servers' [server] engine_cpus (auto | none | a CPU "
                    "list); with a placement the load generator runs on the HTTP CPUs and the offline engine of part "
                    "1 on the engine's")
@@ -129,9 +157,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return value if value is not None else (quick if q else full)
 
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    bad = set(parts) - {"overhead", "modes", "transformers"}
+    bad = set(parts) - {"overhead", "modes", "mixed", "transformers"}
     if bad:
         raise SystemExit(f"unknown part(s): {', '.join(sorted(bad))}")
+    if args.mixed_prompts is not None and (args.mixed_prompts < 3 or args.mixed_prompts % 3):
+        raise SystemExit(f"--mixed-prompts must be a positive multiple of 3, got {args.mixed_prompts}")
     if args.mode_rounds is not None and args.mode_rounds < 1:
         raise SystemExit(f"--mode-rounds must be >= 1, got {args.mode_rounds}")
     if args.engine_cpus not in ("auto", "none"):
@@ -164,6 +194,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         hf_output_len=pick(args.hf_output_len, 32, 8),
         hf_rounds=pick(args.hf_rounds, 3, 1),
         mode_rounds=pick(args.mode_rounds, 3, 1),
+        mode_temperatures=pick(args.mode_temperatures, [0.0, 0.7], [0.0]),
+        modes=args.modes or list(MODES),
+        mixed_concurrencies=pick(args.mixed_concurrencies, [3, 6, 12], [3]),
+        mixed_prompts=pick(args.mixed_prompts, 48, 6),
         engine_cpus=args.engine_cpus,
         knobs=knobs,
         seed=args.seed,
