@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engine.errors import InvalidParam
 from engine.sequence import SamplingParams
 
 
@@ -36,16 +37,18 @@ class RequestPolicy:
         """Fill the mode knobs' defaults and check them against this engine; ValueError names the field."""
         mode = params.mode or (self.default_mode if self.is_trimode else "ar")
         if mode not in ("ar", "auto") and not self.is_trimode:  # auto on a plain causal checkpoint decodes as ar
-            raise ValueError(f"mode '{mode}' needs a tri-mode checkpoint; {self.model_name} serves only 'ar'")
+            raise InvalidParam("mode", f"mode '{mode}' needs a tri-mode checkpoint; {self.model_name} serves only 'ar'")
         if mode == "auto" and params.steps is not None:
-            raise ValueError(f"steps {params.steps}: a diffusion knob, and mode 'auto' never runs diffusion (it "
-                             "chooses between ar and self_spec, whose output is the AR model's); omit steps")
+            raise InvalidParam("steps", f"steps {params.steps}: a diffusion knob, and mode 'auto' never runs "
+                               "diffusion (it chooses between ar and self_spec, whose output is the AR model's); "
+                               "omit steps")
         block = params.block_length or self.default_block_length
         if block not in self.allowed_block_lengths:
-            raise ValueError(f"block_length must be one of {list(self.allowed_block_lengths)}, got {block}")
+            raise InvalidParam("block_length",
+                               f"block_length must be one of {list(self.allowed_block_lengths)}, got {block}")
         steps = None if mode == "auto" else params.steps or block  # auto runs no diffusion: no step budget
         if steps is not None and steps > block:
-            raise ValueError(f"steps must be <= block_length ({block}), got {steps}")
+            raise InvalidParam("steps", f"steps must be <= block_length ({block}), got {steps}")
         threshold = params.threshold
         if mode == "diffusion" and threshold is None:
             threshold = self.default_threshold
@@ -55,15 +58,16 @@ class RequestPolicy:
         """Reject what can never run: empty or out-of-vocabulary prompts, context overflow, and a worst case of
         more decode forwards than `max_forwards`. `params` must be resolved."""
         if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidParam("prompt", "prompt must contain at least one token")
         vocab = self.vocab_size
         bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})")
+            raise InvalidParam("prompt", f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})")
         n, m = len(prompt_token_ids), params.max_tokens
         need = self._output_positions(params)
         if n + need > self.max_model_len:
-            raise ValueError(
+            raise InvalidParam(
+                "input_tokens",
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{m} output tokens and your prompt contains {n} input tokens, for a total of {n + need} tokens"
                 f"{' (whole diffusion blocks)' if need != m else ''}. Please reduce the length of the input "
@@ -128,7 +132,8 @@ class RequestPolicy:
             knob = "threshold" if one_shot <= cap else "max_tokens"
             cheaper = f"omit threshold (one draft forward per round: {one_shot}), or lower" if one_shot <= cap \
                 else "lower"
-            raise ValueError(
+            raise InvalidParam(
+                knob,
                 f"{knob} {getattr(params, knob)}: {params.mode} drafting by threshold takes up to {block - 1} draft "
                 f"forwards (block_length {block}) and a verify per round, and a round may emit one token, so "
                 f"max_tokens {m} may need {cost} decode forwards, {over}; {cheaper} block_length or max_tokens")
@@ -136,9 +141,9 @@ class RequestPolicy:
             one_step = self.max_decode_forwards(dataclasses.replace(params, steps=1))
             knob = "steps" if one_step <= cap else "max_tokens"
             fewer = f"steps (1 step: {one_step}) or " if knob == "steps" else ""
-            raise ValueError(
-                f"{knob} {getattr(params, knob)}: diffusion takes up to {min(steps, block - 1)} denoise forwards "
+            raise InvalidParam(
+                knob, f"{knob} {getattr(params, knob)}: diffusion takes up to {min(steps, block - 1)} denoise forwards "
                 f"and a commit per block of {block}, so max_tokens {m} may need {cost} decode forwards, {over}; "
                 f"lower {fewer}max_tokens")
-        raise ValueError(f"max_tokens {m} may need {cost} decode forwards in {params.mode} mode, {over}; "
-                         f"lower max_tokens")
+        raise InvalidParam("max_tokens", f"max_tokens {m} may need {cost} decode forwards in {params.mode} mode, "
+                                         f"{over}; lower max_tokens")

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from engine.decoding.modes import MODES
+from engine.errors import InvalidParam
 from engine.forward import Forward
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
@@ -39,30 +40,30 @@ class SamplingParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise InvalidParam("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature < float("inf"):  # also rejects NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise InvalidParam("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.temperature < 1e-5:
             # as vLLM: below this, logits / T overflow to inf and softmax turns NaN; it is greedy in effect
             object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
+            raise InvalidParam("top_k", f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
         if self.mode is not None and self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise InvalidParam("mode", f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.block_length is not None and self.block_length < 2:
-            raise ValueError(f"block_length must be >= 2, got {self.block_length}")
+            raise InvalidParam("block_length", f"block_length must be >= 2, got {self.block_length}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise InvalidParam("steps", f"steps must be >= 1, got {self.steps}")
         if self.steps is not None and self.block_length is not None and self.steps > self.block_length:
-            raise ValueError(f"steps must be <= block_length ({self.block_length}), got {self.steps}")
+            raise InvalidParam("steps", f"steps must be <= block_length ({self.block_length}), got {self.steps}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+            raise InvalidParam("threshold", f"threshold must be in (0, 1], got {self.threshold}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+                raise InvalidParam(name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)

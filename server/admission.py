@@ -10,6 +10,7 @@ with Retry-After instead. A request priced above the bound by itself could never
 
 from __future__ import annotations
 
+from engine.errors import InvalidParam
 from engine.policy import RequestPolicy
 from engine.sequence import SamplingParams
 
@@ -24,8 +25,9 @@ def request_pages(policy: RequestPolicy, prompts: list[tuple[list[int], Sampling
     return sum(policy.kv_pages(len(ids), params) for ids, params in prompts)
 
 
-def never_fits(policy: RequestPolicy, factor: float, prompts: list[tuple[list[int], SamplingParams]]) -> str | None:
-    """Why this request can never be admitted (the message of a 400 naming the field), or None when it can."""
+def never_fits(policy: RequestPolicy, factor: float,
+               prompts: list[tuple[list[int], SamplingParams]]) -> InvalidParam | None:
+    """Why this request can never be admitted (a 400 naming the field), or None when it can."""
     pages, bound = request_pages(policy, prompts), bound_pages(policy, factor)
     if pages <= bound:
         return None
@@ -36,11 +38,12 @@ def never_fits(policy: RequestPolicy, factor: float, prompts: list[tuple[list[in
     where = (f"more than the {bound} pages this server admits at once (max_queued_kv_factor {factor:g} x a "
              f"{policy.kv_num_pages}-page KV pool of {page}-token pages)")
     if prompt_pages > bound:
-        return (f"prompt tokens of this request ({sum(len(ids) for ids, _ in prompts)} over {seqs} sequence(s), "
-                f"counting n) need {prompt_pages} KV pages even for one output token each, {where}; send fewer "
-                f"prompts, a smaller n or shorter prompts")
+        tokens = sum(len(ids) for ids, _ in prompts)
+        return InvalidParam("prompt", f"prompt tokens of this request ({tokens} over {seqs} sequence(s), counting "
+                            f"n) need {prompt_pages} KV pages even for one output token each, {where}; send fewer "
+                            f"prompts, a smaller n or shorter prompts")
     max_tokens = max(params.max_tokens for _, params in prompts)
-    diffusion = any(params.mode == "diffusion" for _, params in prompts)
-    return (f"max_tokens {max_tokens} needs up to {pages} KV pages over the {seqs} sequence(s) of this request "
-            f"(prompt + max_tokens{', in whole diffusion blocks,' if diffusion else ''} per sequence, counting n), "
-            f"{where}; lower max_tokens or n")
+    whole = ", in whole diffusion blocks," if any(params.mode == "diffusion" for _, params in prompts) else ""
+    return InvalidParam("max_tokens", f"max_tokens {max_tokens} needs up to {pages} KV pages over the {seqs} "
+                        f"sequence(s) of this request (prompt + max_tokens{whole} per sequence, counting n), "
+                        f"{where}; lower max_tokens or n")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.errors import InvalidParam
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server import admission
 from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
@@ -288,15 +289,16 @@ class AsyncEngine:
             self._send(Add(track.request_id, ids, params, now, gen.deadline))
         return gen
 
-    def _refused(self, request_id: str, prompts: list[tuple[list[int], SamplingParams]], why: str) -> Generation:
+    def _refused(self, request_id: str, prompts: list[tuple[list[int], SamplingParams]],
+                 why: InvalidParam) -> Generation:
         """A request that can never be admitted: nothing is reserved or sent, and the first `next()` raises
-        ValueError(why), the error of an Add the engine refused, which the serving layer answers with a 400."""
+        `why`, as for an Add the engine refused, which the serving layer answers with a 400."""
         now = time.monotonic()
         tracks = [SeqTrack(f"{request_id}-{i}", params.mode or "ar", len(ids), now, finish_reason="abort")
                   for i, (ids, params) in enumerate(prompts)]
         gen = Generation(self, request_id, tracks, 0, None)
         gen.released = True
-        gen.queue.put_nowait((0, ValueError(why)))
+        gen.queue.put_nowait((0, why))
         return gen
 
     async def probe(self, timeout: float) -> None:
@@ -406,9 +408,9 @@ class AsyncEngine:
         if entry is not None:
             entry[0].queue.put_nowait((entry[1], exc))
 
-    def _fail_request(self, request_id: str, message: str) -> None:
-        """An Add the engine refused (its ValueError's text): the request gets a 400."""
-        self._push_error(request_id, ValueError(message))
+    def _fail_request(self, request_id: str, message: str, field: str | None = None) -> None:
+        """An Add the engine refused (its ValueError's text, and the field an InvalidParam named): a 400."""
+        self._push_error(request_id, ValueError(message) if field is None else InvalidParam(field, message))
 
     def _fail_requests(self, request_ids: list[str], message: str, snapshot: Snapshot) -> None:
         self.snapshot = snapshot

@@ -5,7 +5,8 @@ the engine is idle (waking for the nearest request deadline), expires the reques
 runs one `Engine.step()` and emits one event per step. Events are plain picklable tuples `(name, *args)`:
 
 - `("outputs", outputs, stats, step_seconds, snapshot)` once per step (and once when the engine goes idle);
-- `("fail_request", request_id, message)` when an Add is refused (a ValueError from the engine);
+- `("fail_request", request_id, message, field)` when an Add is refused (a ValueError from the engine; `field`
+  is an InvalidParam's field, or None);
 - `("fail_requests", request_ids, message, snapshot)` when one forward failed (an exception carrying
   `request_ids`): those requests are aborted and the loop goes on;
 - `("expired", request_ids, snapshot)` when requests reached their deadline (`Add.deadline`): they are aborted
@@ -127,7 +128,7 @@ def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
         try:
             engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
         except ValueError as exc:
-            emit("fail_request", cmd.request_id, str(exc))
+            emit("fail_request", cmd.request_id, str(exc), getattr(exc, "field", None))
         else:
             if cmd.deadline is not None:
                 deadlines.add(cmd.request_id, cmd.deadline)

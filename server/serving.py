@@ -21,6 +21,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from engine.errors import InvalidParam
 from engine.sequence import MAX_LOGPROBS, RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
 from server.config import ServerConfig
@@ -29,9 +30,6 @@ from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
 
-PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
-                "block_length", "threshold", "prompt", "logprobs")
-CONTEXT_ERROR = "This model's maximum context length"
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
 
@@ -501,11 +499,9 @@ def _final_choice(s: ChoiceState, obj: str, tok: Any) -> dict[str, Any]:
 
 
 def _bad_request(exc: ValueError, prompt_field: str = "prompt") -> APIError:
-    msg = str(exc)
-    if msg.startswith(CONTEXT_ERROR):
-        return APIError(400, msg, "input_tokens")
-    word = msg.split(" ", 1)[0] if msg else ""
-    param = word if word in PARAM_FIELDS else None
+    """A 400 for an engine ValueError: `param` is the InvalidParam's field, with the engine's `prompt` named as the
+    client sent it (`messages` for chat)."""
+    param = exc.field if isinstance(exc, InvalidParam) else None
     if param == "prompt":
         param = prompt_field
-    return APIError(400, msg, param)
+    return APIError(400, str(exc), param)
