@@ -183,6 +183,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         serving.check_model(req.model)
         tok = serving.require_tokenizer("tokens")
         vocab = len(tok)
+        if len(req.tokens) > aeng.max_model_len:  # decoding runs on the event loop: bound it as a prompt is bounded
+            raise APIError(400, f"tokens holds {len(req.tokens)} ids, more than this model's maximum context length "
+                           f"of {aeng.max_model_len}", "tokens")
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": tok.decode(req.tokens)}

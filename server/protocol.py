@@ -22,7 +22,8 @@ from pydantic_core import PydanticCustomError
 INT64 = 2**63 - 1
 
 ERROR_TYPES = {
-    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
     500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError",
 }
 

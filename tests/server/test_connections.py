@@ -61,6 +61,7 @@ def test_stalled_body_gets_408_in_openai_shape_and_is_closed(engine) -> None:
         err = json.loads(body)["error"]
         assert err["code"] == 408 and "body_timeout" in err["message"] and set(err) == {"message", "type", "param",
                                                                                         "code"}
+        assert err["type"] == "RequestTimeoutError"
         r = httpx.post(f"{url}/tokenize", json={"prompt": "ok"}, timeout=BOUND)
         assert r.status_code == 200 and r.json()["count"] >= 2  # whole bodies are unaffected
 

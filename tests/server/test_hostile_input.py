@@ -122,6 +122,15 @@ def test_a_huge_bad_body_builds_few_errors_on_every_endpoint(spied: tuple[str, l
     assert len(counts) == before + 1 and counts[-1] <= MAX_ERRORS, counts[before:]
 
 
+def test_detokenize_refuses_more_ids_than_a_context_holds(spied: tuple[str, list[int]], engine) -> None:
+    """Decoding runs on the event loop: a body of valid ids is bounded by the context length, as a prompt is."""
+    url, _ = spied
+    n = engine.max_model_len
+    r = httpx.post(f"{url}/detokenize", json={"tokens": [5] * (n + 1)}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens" and str(n) in r.json()["error"]["message"]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [5] * n}, timeout=60).status_code == 200
+
+
 def test_malformed_json_names_no_field(spied: tuple[str, list[int]]) -> None:
     r = httpx.post(f"{spied[0]}{C}", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] is None
