@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InvalidParam
+from engine.policy import RequestPolicy
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server import admission
 from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
@@ -185,6 +186,7 @@ class AsyncEngine:
     def __post_init__(self) -> None:
         self.core: Core = self.engine if isinstance(self.engine, Core) else ThreadCore(self.engine)
         self.metrics = ServerMetrics(self.served_model_name or self.core.model_name)
+        self._policy: RequestPolicy | None = self.core.policy
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probes: dict[int, asyncio.Future] = {}
         self._probe_ids = itertools.count()
@@ -213,11 +215,12 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.core.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.core.check_request(prompt_token_ids, params)
+    @property
+    def policy(self) -> RequestPolicy:
+        """What a request may ask of the engine, as the engine shipped it: the serving layer resolves and checks
+        every request with it once, here in the server process, and the engine trusts what was checked."""
+        assert self._policy is not None, "this engine ships no RequestPolicy (a test fake)"
+        return self._policy
 
     @property
     def num_inflight(self) -> int:
@@ -258,7 +261,7 @@ class AsyncEngine:
         if self.draining:
             raise Overloaded("draining", "The server is shutting down.")
         num_tokens = sum(len(ids) + params.max_tokens for ids, params in prompts)
-        policy = getattr(self.engine, "policy", None)  # an Engine's or an EngineProcess's; test fakes have none
+        policy = self._policy
         pages, bound = 0, 0
         if policy is not None:
             if why := admission.never_fits(policy, self.max_queued_kv_factor, prompts):
@@ -471,6 +474,7 @@ class AsyncEngine:
                 reason = f"respawn failed: {type(exc).__name__}"
                 continue
             self.watch.engine_replaced()
+            self._policy = self.core.policy  # the respawned engine's (the same config: the same policy)
             self.core.start(self._on_event)
             self.dead, self.restarting = None, None
             self.metrics.engine_restarts.labels(self.metrics.model_name).inc()

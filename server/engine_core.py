@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.policy import RequestPolicy
 from engine.sequence import SamplingParams
 
 log = logging.getLogger("trimode.server")
@@ -126,7 +127,7 @@ def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
     """Apply one command; False means stop."""
     if isinstance(cmd, Add):
         try:
-            engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
+            engine.admit(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
         except ValueError as exc:
             emit("fail_request", cmd.request_id, str(exc), getattr(exc, "field", None))
         else:
@@ -202,17 +203,13 @@ def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
 
 
 class Core(ABC):
-    """What the asyncio side needs from an engine: request checks (no model needed), commands, events."""
+    """What the asyncio side needs from an engine: the facts to check requests with (no model needed), commands,
+    events."""
 
     tokenizer: Any
     model_name: str
     max_model_len: int
-
-    @abstractmethod
-    def resolve_params(self, params: SamplingParams) -> SamplingParams: ...
-
-    @abstractmethod
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    policy: RequestPolicy | None  # None only for a test fake: no request checks, no admission by KV pages
 
     @abstractmethod
     def start(self, emit: Emit) -> None:
@@ -247,11 +244,9 @@ class ThreadCore(Core):
     def max_model_len(self) -> int:  # type: ignore[override]
         return self.engine.max_model_len
 
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.engine.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_token_ids, params)
+    @property
+    def policy(self) -> RequestPolicy | None:  # type: ignore[override]
+        return getattr(self.engine, "policy", None)  # an Engine's; test fakes have none
 
     def _get(self, block: bool, timeout: float | None = None) -> Command | None:
         try:

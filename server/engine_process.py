@@ -34,7 +34,6 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.policy import RequestPolicy
-from engine.sequence import SamplingParams
 from server.engine_core import Command, Core, Emit, Stop, run_engine_loop
 
 log = logging.getLogger("trimode.server")
@@ -159,13 +158,6 @@ class EngineProcess(Core):
             raise _LOAD_ERRORS.get(kind, RuntimeError)(text if kind in _LOAD_ERRORS else f"{kind}: {text}")
         _, policy, path = msg
         return policy, path
-
-    # ---- request checks, answered here from the shipped policy ------------------------------------------------
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.policy.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.policy.check_request(prompt_token_ids, params)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def start(self, emit: Emit) -> None:

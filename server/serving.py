@@ -220,24 +220,19 @@ class Serving:
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-            return self.aeng.resolve_params(params)
+            return self.aeng.policy.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
 
     def _fit(self, ids: list[int], params: SamplingParams, fill: bool, prompt_field: str) -> SamplingParams:
-        """Check the context; with `fill` (chat, no max_tokens) use the largest max_tokens that fits."""
+        """Check the request once against the engine's policy (context, vocabulary, forward cap); with `fill`
+        (chat, no max_tokens) it runs with the largest max_tokens within both the context and the forward cap.
+        A prompt that leaves no room is refused with the context error for the one token it cannot have."""
+        policy = self.aeng.policy
         if fill:
-            room = self.aeng.max_model_len - len(ids)
-            block = params.block_length or 1
-            for cand in (room, room // block * block, room - block + 1, (room - block + 1) // block * block):
-                if cand >= 1:
-                    try:
-                        self.aeng.check_request(ids, replace(params, max_tokens=cand))
-                        return replace(params, max_tokens=cand)
-                    except ValueError:
-                        continue
+            params = replace(params, max_tokens=max(1, policy.largest_max_tokens(len(ids), params)))
         try:
-            self.aeng.check_request(ids, params)
+            policy.check_request(ids, params)
         except ValueError as exc:
             raise _bad_request(exc, prompt_field) from None
         return params

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 
 import pytest
@@ -28,14 +27,7 @@ class FakeEngine:
         self.last_stats = StepStats()
         self.thread_ids: set[int] = set()
 
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return dataclasses.replace(params, mode=params.mode or "ar", block_length=4, steps=4)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError("This model's maximum context length is 64 tokens.")
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         self.running[request_id] = [len(prompt_token_ids), params, 0]
 

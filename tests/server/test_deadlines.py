@@ -60,7 +60,7 @@ class FakeEngine:
     def num_running(self) -> int:
         return len(self.requests)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         self.requests[request_id] = [params.max_tokens, 0]
 
