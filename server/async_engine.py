@@ -1,6 +1,6 @@
 """AsyncEngine: the asyncio side of the engine. Admission, per-request queues, metrics, deadlines, death.
 
-The engine itself runs behind a `server.engine_core.Core`: in a thread of this process (`ThreadCore`, given an
+The engine itself runs behind a `engine.loop.Core`: in a thread of this process (`ThreadCore`, given an
 `Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go out through `Core.send`; each
 engine step comes back as one event, posted onto the event loop with a single `call_soon_threadsafe`; `_dispatch`
 fans the outputs out to per-request asyncio queues, so a slow client never blocks the engine. Admission (sequences,
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InvalidParam
+from engine.loop import Abort, Add, Core, Probe, Snapshot, ThreadCore
 from engine.policy import RequestPolicy
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server import admission
-from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
 from server.liveness import EngineWatch
 from server.metrics import ServerMetrics
 
@@ -100,7 +100,7 @@ class Generation:
             self.abort_unfinished(push=False)
             raise exc
         while True:
-            # the engine loop owns deadlines (server.engine_core: it aborts due requests before every step and
+            # the engine loop owns deadlines (engine.loop: it aborts due requests before every step and
             # sends "expired", whether or not anyone reads); this is only the backstop for an engine that is stuck
             # (a step, or a hung engine process, outliving the deadline by DEADLINE_BACKSTOP_S), so that the client
             # still gets its answer

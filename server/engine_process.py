@@ -5,7 +5,7 @@ thread it shares one GIL with the event loop's per-token work (SSE framing, deto
 waits for the other. In its own process the engine steps while the event loop serves: the same design as
 vLLM v1's EngineCore process.
 
-Wire: commands (`server.engine_core` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
+Wire: commands (`engine.loop` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
 that the event loop never blocks on a full pipe; events come back up the other as `(name, *args)` tuples, read by
 a reader thread that hands each one to `emit`. The child is started with `spawn` (no forked torch or CUDA state),
 loads the model, answers `("ready", RequestPolicy, model_path)` or `("error", exception type, message)`, then
@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.loop import Command, Core, Emit, Stop, run_engine_loop
 from engine.policy import RequestPolicy
-from server.engine_core import Command, Core, Emit, Stop, run_engine_loop
 
 log = logging.getLogger("trimode.server")
 

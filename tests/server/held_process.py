@@ -14,8 +14,8 @@ import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from engine.loop import Snapshot
 from engine.sequence import StepStats
-from server.engine_core import Snapshot
 
 PAGE = 4096
 BOUND = 60.0  # seconds a held reader waits for release at most (a test that failed must not hang the engine)

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.loop import Add, Deadlines, ThreadCore
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server.app import create_app
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig
-from server.engine_core import Add, Deadlines, ThreadCore
 from tests.server.conftest import make_engine
 from tests.server.gate import StepGate
 from tests.server.helpers import metric
@@ -131,7 +131,7 @@ class Clock:
 
 def test_due_requests_are_aborted_before_the_next_step_and_finished_ones_never_expire(monkeypatch) -> None:
     clock = Clock()
-    monkeypatch.setattr("server.engine_core.time", clock)
+    monkeypatch.setattr("engine.loop.time", clock)
     engine = FakeEngine()
     with loop_over(engine) as (core, events):
         core.send(Add("late-0", [1], SamplingParams(max_tokens=50), clock.now, clock.now - 1))  # due on arrival
