@@ -1,84 +1,73 @@
-"""The engine loop apart from how it is reached: commands in, events out, over a thread or a process.
+"""The engine loop apart from how it is reached: commands in, events out (`engine.commands`), over a thread or a
+process (the transports are the server's: `server.transport`, `server.engine_process`).
 
 `run_engine_loop` drains the commands (Add | Abort | Probe | Stop) before every step, blocks on them only while
 the engine is idle (waking for the nearest request deadline), expires the requests whose deadline has passed,
-runs one `Engine.step()` and emits one event per step. Events are plain picklable tuples `(name, *args)`:
+runs one `Engine.step()` and emits one event per step:
 
-- `("outputs", outputs, stats, step_seconds, snapshot)` once per step (and once when the engine goes idle);
-- `("fail_request", request_id, message, field)` when an Add is refused (a ValueError from the engine; `field`
-  is an InvalidParam's field, or None);
-- `("fail_requests", request_ids, message, snapshot)` when one forward failed (an exception carrying
-  `request_ids`): those requests are aborted and the loop goes on;
-- `("expired", request_ids, snapshot)` when requests reached their deadline (`Add.deadline`): they are aborted
-  in the engine (KV freed) before the next step, whether or not anyone is reading their outputs;
-- `("probe", probe_id, error_or_None)` after a readiness probe forward;
-- `("dead", reason)` when anything else escapes: the loop ends.
-
-Two transports implement `Core`: `ThreadCore` (the Engine in a thread of the server process) and
-`server.engine_process.EngineProcess` (the Engine in its own process, so its Python never shares a GIL with the
-event loop). The asyncio side (`server.async_engine`) only ever sees `Core`.
+- `Outputs` once per step (and once, with no stats, when the engine goes idle);
+- `AddRefused` when an Add is refused (a ValueError from the engine, with an InvalidParam's field);
+- `BatchFailed` when one forward failed (an exception carrying `request_ids`): those requests are aborted and the
+  loop goes on;
+- `Expired` when requests reached their deadline (`Add.deadline`): they are aborted in the engine (KV freed)
+  before the next step, whether or not anyone is reading their outputs;
+- `ProbeDone` after a readiness probe forward;
+- `Dead` when anything else escapes: the loop ends.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-import queue
-import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
-from engine.policy import RequestPolicy
-from engine.sequence import SamplingParams
+from engine.commands import (
+    Abort,
+    Add,
+    AddRefused,
+    BatchFailed,
+    Command,
+    Dead,
+    Emit,
+    Expired,
+    Outputs,
+    Probe,
+    ProbeDone,
+    Snapshot,
+    Stop,
+)
+from engine.sequence import RequestOutput, SamplingParams, StepStats
 
 log = logging.getLogger("trimode.server")
 
-
-@dataclass(slots=True)
-class Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    # absolute time.monotonic() after which the engine aborts the request; None = no deadline. Valid in the engine
-    # process too: time.monotonic() is CLOCK_MONOTONIC, one system-wide clock on Linux (mach_absolute_time on
-    # macOS is system-wide as well), not a per-process one
-    deadline: float | None = None
-
-
-@dataclass(slots=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class Probe:
-    probe_id: int
-
-
-@dataclass(slots=True)
-class Stop:
-    pass
-
-
-Command = Add | Abort | Probe | Stop
-Emit = Callable[..., None]  # emit(event_name, *args)
 # get(block, timeout): the next command; None when none came (not blocking, or blocking for `timeout` seconds;
 # timeout None blocks until one comes)
 GetCommand = Callable[[bool, "float | None"], "Command | None"]
 
 
-@dataclass(slots=True)
-class Snapshot:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
+class LoopEngine(Protocol):
+    """What the loop needs of an engine (`engine.engine.Engine`; the tests' fakes)."""
+
+    last_stats: StepStats
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              arrival_time: float | None = None) -> None: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def probe(self) -> None: ...
 
 
-def _snapshot(engine: Any) -> Snapshot:
+def _snapshot(engine: LoopEngine) -> Snapshot:
     return Snapshot(engine.num_running, engine.num_waiting, float(engine.kv_cache_usage))
 
 
@@ -123,13 +112,13 @@ class Deadlines:
         return max(0.0, self._heap[0][0] - now) if self._heap else None
 
 
-def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
-    """Apply one command; False means stop."""
+def _run_command(engine: LoopEngine, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
+    """Carry out one command; False means stop."""
     if isinstance(cmd, Add):
         try:
             engine.admit(cmd.request_id, cmd.prompt_token_ids, cmd.params, arrival_time=cmd.arrival_time)
         except ValueError as exc:
-            emit("fail_request", cmd.request_id, str(exc), getattr(exc, "field", None))
+            emit(AddRefused(cmd.request_id, str(exc), getattr(exc, "field", None)))
         else:
             if cmd.deadline is not None:
                 deadlines.add(cmd.request_id, cmd.deadline)
@@ -139,25 +128,25 @@ def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
     elif isinstance(cmd, Probe):
         try:
             engine.probe()
-            emit("probe", cmd.probe_id, None)
+            emit(ProbeDone(cmd.probe_id, None))
         except Exception as exc:  # a broken forward fails readiness, not the engine
-            emit("probe", cmd.probe_id, f"{type(exc).__name__}: {exc}")
+            emit(ProbeDone(cmd.probe_id, f"{type(exc).__name__}: {exc}"))
     elif isinstance(cmd, Stop):
         return False
     return True
 
 
-def _expire(engine: Any, deadlines: Deadlines, emit: Emit) -> None:
+def _expire(engine: LoopEngine, deadlines: Deadlines, emit: Emit) -> None:
     """Abort (freeing their KV) the requests whose deadline has passed, and report them."""
     due = deadlines.pop_due(time.monotonic())
     if due:
         for request_id in due:
             engine.abort_request(request_id)
-        emit("expired", due, _snapshot(engine))
+        emit(Expired(due, _snapshot(engine)))
 
 
-def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
-    """Serve commands and step the engine until Stop; an unexpected exception emits "dead" and returns.
+def run_engine_loop(engine: LoopEngine, get: GetCommand, emit: Emit) -> None:
+    """Serve commands and step the engine until Stop; an unexpected exception emits `Dead` and returns.
 
     Deadlines are enforced here, not where outputs are read, so a request whose client stopped reading still
     ends on time and frees its KV: due requests are expired before every step, and an idle wait wakes up for
@@ -166,12 +155,12 @@ def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
     try:
         while True:
             if not engine.has_unfinished():
-                emit("outputs", [], None, 0.0, _snapshot(engine))
+                emit(Outputs([], None, 0.0, _snapshot(engine)))
                 cmd = get(True, deadlines.wait(time.monotonic()))
-                if cmd is not None and not _apply(engine, cmd, emit, deadlines):
+                if cmd is not None and not _run_command(engine, cmd, emit, deadlines):
                     return
             while (cmd := get(False, None)) is not None:
-                if not _apply(engine, cmd, emit, deadlines):
+                if not _run_command(engine, cmd, emit, deadlines):
                     return
             if deadlines:
                 _expire(engine, deadlines, emit)
@@ -190,79 +179,13 @@ def run_engine_loop(engine: Any, get: GetCommand, emit: Emit) -> None:
                 for request_id in failed:
                     engine.abort_request(request_id)
                     deadlines.discard(request_id)
-                emit("fail_requests", list(failed), str(exc), _snapshot(engine))
+                emit(BatchFailed(list(failed), str(exc), _snapshot(engine)))
                 continue
             if deadlines:
                 for out in outputs:
                     if out.finish_reason is not None:
                         deadlines.discard(out.request_id)
-            emit("outputs", outputs, engine.last_stats, time.monotonic() - t0, _snapshot(engine))
+            emit(Outputs(outputs, engine.last_stats, time.monotonic() - t0, _snapshot(engine)))
     except Exception as exc:
         log.exception("engine loop died")
-        emit("dead", type(exc).__name__)
-
-
-class Core(ABC):
-    """What the asyncio side needs from an engine: the facts to check requests with (no model needed), commands,
-    events."""
-
-    tokenizer: Any
-    model_name: str
-    max_model_len: int
-    policy: RequestPolicy | None  # None only for a test fake: no request checks, no admission by KV pages
-
-    @abstractmethod
-    def start(self, emit: Emit) -> None:
-        """Start the loop; `emit(name, *args)` is called from a non-event-loop thread for every event."""
-
-    @abstractmethod
-    def send(self, cmd: Command) -> None:
-        """Queue a command (non-blocking, callable from the event loop)."""
-
-    @abstractmethod
-    def stop(self, timeout: float) -> None:
-        """Stop the loop and wait up to `timeout` seconds."""
-
-
-class ThreadCore(Core):
-    """The Engine in a daemon thread of this process; commands through a SimpleQueue."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def tokenizer(self) -> Any:  # type: ignore[override]
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:  # type: ignore[override]
-        return self.engine.model_name
-
-    @property
-    def max_model_len(self) -> int:  # type: ignore[override]
-        return self.engine.max_model_len
-
-    @property
-    def policy(self) -> RequestPolicy | None:  # type: ignore[override]
-        return getattr(self.engine, "policy", None)  # an Engine's; test fakes have none
-
-    def _get(self, block: bool, timeout: float | None = None) -> Command | None:
-        try:
-            return self._inbox.get(block, timeout)
-        except queue.Empty:
-            return None
-
-    def start(self, emit: Emit) -> None:
-        self._thread = threading.Thread(target=run_engine_loop, args=(self.engine, self._get, emit),
-                                        name="trimode-engine", daemon=True)
-        self._thread.start()
-
-    def send(self, cmd: Command) -> None:
-        self._inbox.put(cmd)
-
-    def stop(self, timeout: float) -> None:
-        self._inbox.put(Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
+        emit(Dead(type(exc).__name__))

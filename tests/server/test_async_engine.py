@@ -96,10 +96,10 @@ def test_outputs_come_back_once_per_step_on_the_engine_thread() -> None:
     async def body(aeng: AsyncEngine) -> list[RequestOutput]:
         original = aeng._dispatch
 
-        def counting(outputs, stats, step_time, snapshot):
-            if stats is not None:
-                hops.append(len(outputs))
-            original(outputs, stats, step_time, snapshot)
+        def counting(event):
+            if event.stats is not None:
+                hops.append(len(event.outputs))
+            original(event)
 
         aeng._dispatch = counting
         gen = aeng.generate("r", [([1, 2], SamplingParams(max_tokens=5))] * 3)

@@ -24,11 +24,13 @@ from typing import Any
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.loop import Add, Deadlines, ThreadCore
+from engine.commands import Add, Expired, Outputs
+from engine.loop import Deadlines
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server.app import create_app
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig
+from server.transport import ThreadTransport
 from tests.server.conftest import make_engine
 from tests.server.gate import StepGate
 from tests.server.helpers import metric
@@ -38,7 +40,7 @@ BOUND = 30.0  # seconds: a "does not hang" bound, far above any deadline under t
 NEVER_READ = {"prompt": "Never read", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
-# ---- the engine loop, over a ThreadCore and fake engines --------------------------------------------------------
+# ---- the engine loop, over a ThreadTransport and fake engines --------------------------------------------------------
 class FakeEngine:
     """Steps emit one token per running request until max_tokens. `parked` requests are held but not runnable:
     the engine reports no work, so the loop blocks on its commands (as an idle engine does)."""
@@ -88,23 +90,23 @@ class FakeEngine:
 
 
 @contextmanager
-def loop_over(engine: FakeEngine) -> Iterator[tuple[ThreadCore, queue.SimpleQueue]]:
-    """run_engine_loop in a ThreadCore over `engine`; yields the core and the queue of (time, event) it emits."""
+def loop_over(engine: FakeEngine) -> Iterator[tuple[ThreadTransport, queue.SimpleQueue]]:
+    """run_engine_loop in a ThreadTransport over `engine`; yields it and the queue of (time, event) it emits."""
     events: queue.SimpleQueue = queue.SimpleQueue()
-    core = ThreadCore(engine)
-    core.start(lambda *event: events.put((time.monotonic(), event)))
+    core = ThreadTransport(engine)
+    core.start(lambda event: events.put((time.monotonic(), event)))
     try:
         yield core, events
     finally:
         core.stop(BOUND)
 
 
-def next_event(events: queue.SimpleQueue, name: str) -> tuple[float, tuple]:
-    """The next event called `name` (skipping others) and when it came; fails after BOUND seconds."""
+def next_event(events: queue.SimpleQueue, kind: type) -> tuple[float, Any]:
+    """The next event of type `kind` (skipping others) and when it came; fails after BOUND seconds."""
     stop = time.monotonic() + BOUND
     while True:
         at, event = events.get(timeout=max(0.0, stop - time.monotonic()))
-        if event[0] == name:
+        if isinstance(event, kind):
             return at, event
 
 
@@ -113,10 +115,10 @@ def test_an_idle_blocked_loop_wakes_up_to_expire_a_request_at_its_deadline() -> 
     with loop_over(engine) as (core, events):
         deadline = time.monotonic() + 0.2
         core.send(Add("parked-0", [1], SamplingParams(max_tokens=5), time.monotonic(), deadline))
-        at, (_, request_ids, snapshot) = next_event(events, "expired")
-        assert request_ids == ["parked-0"] and engine.aborted == ["parked-0"]
+        at, expired = next_event(events, Expired)
+        assert expired.request_ids == ["parked-0"] and engine.aborted == ["parked-0"]
         assert at >= deadline  # never early
-        assert engine.steps == 0 and snapshot.num_running == 0
+        assert engine.steps == 0 and expired.snapshot.num_running == 0
 
 
 class Clock:
@@ -135,21 +137,21 @@ def test_due_requests_are_aborted_before_the_next_step_and_finished_ones_never_e
     engine = FakeEngine()
     with loop_over(engine) as (core, events):
         core.send(Add("late-0", [1], SamplingParams(max_tokens=50), clock.now, clock.now - 1))  # due on arrival
-        _, (_, request_ids, _) = next_event(events, "expired")
-        assert request_ids == ["late-0"] and engine.steps == 0  # aborted before any step ran it
+        _, expired = next_event(events, Expired)
+        assert expired.request_ids == ["late-0"] and engine.steps == 0  # aborted before any step ran it
 
         core.send(Add("quick-0", [1], SamplingParams(max_tokens=2), clock.now, clock.now + 10))
         outs: list[RequestOutput] = []
         while not outs or outs[-1].finish_reason is None:
-            outs += next_event(events, "outputs")[1][1]
+            outs += next_event(events, Outputs)[1].outputs
         assert [o.finish_reason for o in outs] == [None, "length"]
         clock.now += 20  # quick-0's deadline passes after it finished
         core.send(Add("after-0", [1], SamplingParams(max_tokens=1), clock.now))
         # the loop expires due requests before every step: a deadline kept for quick-0 would expire before this one
         while True:
             _, event = events.get(timeout=BOUND)
-            assert event[0] != "expired", event
-            if event[0] == "outputs" and any(o.request_id == "after-0" for o in event[1]):
+            assert not isinstance(event, Expired), event
+            if isinstance(event, Outputs) and any(o.request_id == "after-0" for o in event.outputs):
                 break
     assert engine.aborted == ["late-0"]
 
