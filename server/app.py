@@ -2,13 +2,12 @@
 
 Errors always leave in OpenAI's shape: request validation (FastAPI's 422) becomes 400 with `param` set to the
 offending field, unknown routes 404, anything unexpected 500. The generation endpoints race the handler against
-`http.disconnect` (like vLLM's `with_cancellation`), so a client that goes away cancels the handler, which
-aborts its engine sequences and frees their KV blocks.
+`http.disconnect` (`server.disconnect`, like vLLM's `with_cancellation`), so a client that goes away cancels the
+handler, which aborts its engine sequences and frees their KV blocks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig
+from server.disconnect import race_disconnect
 from server.metrics import CONTENT_TYPE
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
@@ -51,23 +51,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(400, "; ".join(parts) or "invalid request", param), 400)
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def with_cancellation(request: Request, handler: Awaitable[Response], aeng: AsyncEngine) -> Response:
     """Run `handler`, cancelling it as soon as the client disconnects (counted in /metrics)."""
-    task = asyncio.ensure_future(handler)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    done = await race_disconnect(handler, request.receive)
+    if done is not None:
+        return done.result()
     aeng.metrics.client_disconnected.labels(aeng.metrics.model_name).inc()
     return Response(status_code=499)  # nobody is listening
 

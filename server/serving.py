@@ -26,6 +26,7 @@ from engine.sequence import MAX_LOGPROBS, RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
 from server.config import ServerConfig
 from server.detokenizer import IncrementalDetokenizer, StopChecker
+from server.disconnect import race_disconnect, until_disconnect
 from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
@@ -112,23 +113,13 @@ class SSEResponse(StreamingResponse):
         async def bounded_send(message: Message) -> None:
             await self._send_within(send, message)
 
-        task = asyncio.ensure_future(self.stream_response(bounded_send))
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done() and not task.cancelled() and isinstance(task.exception(), _WriteTimeout):
+            done = await race_disconnect(self.stream_response(bounded_send), receive)
+            if done is not None and not done.cancelled() and isinstance(done.exception(), _WriteTimeout):
                 log.info("stream ended: the client read nothing for write_timeout %gs", self.write_timeout)
                 await self._end_body()
-                await watcher  # the connection layer drops the connection (see the class docstring)
+                await until_disconnect(receive)  # the connection layer drops the connection (see the docstring)
         finally:
-            for t in (task, watcher):
-                t.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
             await self._end_body()
 
 
