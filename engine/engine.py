@@ -162,11 +162,11 @@ class Engine:
             mode = seq.params.mode
             assert mode is not None
             if req.forward == Forward.PREFILL:
-                outcome = self._consume_prefill(seq, req, rows)
+                outcome = self._prefill_outcome(seq, req, rows)
             else:
                 seq.num_decode_forwards += 1
                 stats.decode_forwards_by_mode[mode] = stats.decode_forwards_by_mode.get(mode, 0) + 1
-                outcome = DECODERS[mode].consume(seq, req, rows, self.decoder_ctx)
+                outcome = DECODERS[mode].outcome_from_logits(seq, req, rows, self.decoder_ctx)
             self._add_to_stats(stats, outcome)
             out = self._apply_outcome(seq, req, outcome)
             if out is not None:
@@ -174,7 +174,7 @@ class Engine:
         stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
         return outputs
 
-    def _consume_prefill(self, seq: Sequence, req: ForwardRequest, rows: torch.Tensor) -> Outcome:
+    def _prefill_outcome(self, seq: Sequence, req: ForwardRequest, rows: torch.Tensor) -> Outcome:
         if req.all_logits:  # prompt logprobs: row i predicts the prompt token after query position i
             start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
             targets = [p for p in range(start + 1, start + len(req.token_ids) + 1) if p < seq.num_prompt_tokens]

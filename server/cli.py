@@ -153,14 +153,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine, server_cfg)
-    aeng = app.state.aeng
-    log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", aeng.metrics.model_name,
-             aeng.max_model_len, server_cfg.host, server_cfg.port,
+    async_engine = app.state.async_engine
+    log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", async_engine.metrics.model_name,
+             async_engine.max_model_len, server_cfg.host, server_cfg.port,
              "required except on " + " ".join(sorted(OPEN_PATHS)) if server_cfg.api_key else "off", server_cfg)
-    server = make_server(app, server_cfg, aeng)
-    aeng.on_engine_lost = lambda: setattr(server, "should_exit", True)  # no respawn left: exit for a supervisor
+    server = make_server(app, server_cfg, async_engine)
+    async_engine.on_engine_lost = lambda: setattr(server, "should_exit", True)  # no respawn left: exit for a supervisor
     server.run()
-    return 1 if aeng.engine_lost else 0
+    return 1 if async_engine.engine_lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

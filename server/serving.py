@@ -139,7 +139,7 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
 
-    def consume(self, out: RequestOutput, gen: Generation) -> str:
+    def render_output(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
         if out.logprobs is not None:
@@ -164,10 +164,10 @@ class ChoiceState:
 
 
 @dataclass
-class Serving:
+class OpenAIServing:
     """The two generation endpoints over one AsyncEngine."""
 
-    aeng: AsyncEngine
+    async_engine: AsyncEngine
     config: ServerConfig
     metrics: ServerMetrics
     model_name: str
@@ -211,7 +211,7 @@ class Serving:
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-            return self.aeng.policy.resolve_params(params)
+            return self.async_engine.policy.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
 
@@ -219,7 +219,7 @@ class Serving:
         """Check the request once against the engine's policy (context, vocabulary, forward cap); with `fill`
         (chat, no max_tokens) it runs with the largest max_tokens within both the context and the forward cap.
         A prompt that leaves no room is refused with the context error for the one token it cannot have."""
-        policy = self.aeng.policy
+        policy = self.async_engine.policy
         if fill:
             params = replace(params, max_tokens=max(1, policy.largest_max_tokens(len(ids), params)))
         try:
@@ -229,7 +229,7 @@ class Serving:
         return params
 
     def require_tokenizer(self, what: str) -> Any:
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         if tok is None:
             raise APIError(400, f"this model ships no tokenizer: {what} needs one; send token ids", what)
         return tok
@@ -243,7 +243,7 @@ class Serving:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
         base = self._params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
         for ids, text in prompts:
@@ -300,10 +300,10 @@ class Serving:
     def _check_chars(self, num_chars: int, what: str) -> None:
         """Refuse, without tokenizing, text longer than any max_model_len-token text can be."""
         if self._max_chars is None:
-            tok = self.aeng.tokenizer
-            self._max_chars = self.aeng.max_model_len * max((len(t) for t in tok.get_vocab()), default=1)
+            tok = self.async_engine.tokenizer
+            self._max_chars = self.async_engine.max_model_len * max((len(t) for t in tok.get_vocab()), default=1)
         if num_chars > self._max_chars:
-            raise APIError(400, f"This model's maximum context length is {self.aeng.max_model_len} tokens, and "
+            raise APIError(400, f"This model's maximum context length is {self.async_engine.max_model_len} tokens, and "
                            f"the {what} ({num_chars} characters) is longer than any text of that many tokens.",
                            what)
 
@@ -330,7 +330,7 @@ class Serving:
         return await self.encode(text, "messages", add_special_tokens=False)
 
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
         return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo),
                            prompt_ids=ids)
@@ -342,7 +342,7 @@ class Serving:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         timeout = req.timeout if req.timeout is not None else self.config.request_timeout
         try:
-            gen = self.aeng.generate(request_id, items, timeout)
+            gen = self.async_engine.generate(request_id, items, timeout)
         except Overloaded as exc:
             self.metrics.reject(exc.reason)
             raise APIError(503, str(exc), headers={"Retry-After": str(self.config.retry_after)}) from None
@@ -367,14 +367,14 @@ class Serving:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 if states[item[0]].finish_reason is None:  # else: stale output of a choice a stop string ended
-                    states[item[0]].consume(item[1], gen)
+                    states[item[0]].render_output(item[1], gen)
                 item = None if _all_done(states) else await gen.next()
         except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc)) from None
         finally:
             gen.close()
         completion_tokens = sum(s.num_output_tokens for s in states)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
                     usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
         return Response(_dumps(body), media_type="application/json")
@@ -397,7 +397,7 @@ class Serving:
                       num_prompt_tokens: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
 
         def usage() -> dict[str, dict[str, int]]:
             return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
@@ -415,7 +415,7 @@ class Serving:
                 for index, out in [item, *gen.ready()]:
                     state = states[index]
                     if state.finish_reason is None:
-                        texts[index] = texts.get(index, "") + state.consume(out, gen)
+                        texts[index] = texts.get(index, "") + state.render_output(out, gen)
                 for index, text in texts.items():
                     state = states[index]
                     if text or state.finish_reason is not None:

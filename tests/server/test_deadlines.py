@@ -186,14 +186,14 @@ class StuckEngine(FakeEngine):
 
 def run_async(engine: FakeEngine, body: Any) -> Any:
     async def main() -> Any:
-        aeng = AsyncEngine(engine)
-        aeng.start()
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
         try:
-            return await body(aeng)
+            return await body(async_engine)
         finally:
             if isinstance(engine, StuckEngine):
                 engine.release.set()
-            aeng.stop(BOUND)
+            async_engine.stop(BOUND)
     return asyncio.run(main())
 
 
@@ -219,10 +219,10 @@ def test_the_engine_ends_a_request_at_its_deadline_without_the_async_backstop(mo
     monkeypatch.setattr("server.async_engine.DEADLINE_BACKSTOP_S", 3600.0)  # only the engine can end it here
     engine = Unfinishable()
 
-    async def body(aeng: AsyncEngine) -> list[RequestOutput]:
-        gen = aeng.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05)
+    async def body(async_engine: AsyncEngine) -> list[RequestOutput]:
+        gen = async_engine.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05)
         outs = await asyncio.wait_for(drain(gen), BOUND)
-        assert aeng.num_inflight == 0
+        assert async_engine.num_inflight == 0
         return outs
 
     outs = run_async(engine, body)
@@ -234,9 +234,9 @@ def test_the_async_backstop_ends_a_request_when_the_engine_is_stuck(monkeypatch)
     monkeypatch.setattr("server.async_engine.DEADLINE_BACKSTOP_S", 0.1)
     engine = StuckEngine()
 
-    async def body(aeng: AsyncEngine) -> tuple[list[RequestOutput], float]:
+    async def body(async_engine: AsyncEngine) -> tuple[list[RequestOutput], float]:
         t0 = time.monotonic()
-        gen = aeng.generate("s", [([1], SamplingParams(max_tokens=3))], timeout=0.05)
+        gen = async_engine.generate("s", [([1], SamplingParams(max_tokens=3))], timeout=0.05)
         outs = await asyncio.wait_for(drain(gen), BOUND)
         return outs, time.monotonic() - t0
 
