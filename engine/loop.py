@@ -1,5 +1,5 @@
-"""The engine loop apart from how it is reached: commands in, events out (`engine.commands`), over a thread or a
-process (the transports are the server's: `server.transport`, `server.engine_process`).
+"""The engine loop apart from how it is reached: commands in (`engine.commands`), events out (`engine.events`),
+over a thread or a process (the transports are the server's: `server.transport`, `server.engine_process`).
 
 `run_engine_loop` drains the commands (Add | Abort | Probe | Stop) before every step, blocks on them only while
 the engine is idle (waking for the nearest request deadline), expires the requests whose deadline has passed,
@@ -23,21 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from engine.commands import (
-    Abort,
-    Add,
-    AddRefused,
-    BatchFailed,
-    Command,
-    Dead,
-    Emit,
-    Expired,
-    Outputs,
-    Probe,
-    ProbeDone,
-    Snapshot,
-    Stop,
-)
+from engine.commands import Abort, Add, Command, Probe, Stop
+from engine.events import AddRefused, BatchFailed, Dead, Emit, Expired, Outputs, ProbeDone, Snapshot
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 
 log = logging.getLogger("trimode.server")

@@ -2,7 +2,7 @@
 
 The engine itself runs behind a `server.transport.EngineTransport`: in a thread of this process
 (`ThreadTransport`, given an `Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go
-out through `EngineTransport.send`; each engine step comes back as one event (`engine.commands`), posted onto the
+out through `EngineTransport.send`; each engine step comes back as one event (`engine.events`), posted onto the
 event loop with a single `call_soon_threadsafe`; `_dispatch` fans the outputs out to per-request asyncio queues, so
 a slow client never blocks the engine. Requests reach `generate` resolved and checked with the engine's `policy`
 (by `server.serving`), once, here in the server process; the engine trusts them. Admission (sequences,
@@ -30,21 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.commands import (
-    Abort,
-    Add,
-    AddRefused,
-    BatchFailed,
-    Command,
-    Dead,
-    Event,
-    Expired,
-    Outputs,
-    Probe,
-    ProbeDone,
-    Snapshot,
-)
+from engine.commands import Abort, Add, Command, Probe
 from engine.errors import InvalidParam
+from engine.events import AddRefused, BatchFailed, Dead, Event, Expired, Outputs, ProbeDone, Snapshot
 from engine.policy import RequestPolicy
 from engine.sequence import RequestOutput, SamplingParams
 from server import admission

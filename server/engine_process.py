@@ -6,7 +6,7 @@ waits for the other. In its own process the engine steps while the event loop se
 vLLM v1's EngineCore process.
 
 Wire: commands (`engine.commands` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
-that the event loop never blocks on a full pipe; events (`engine.commands` Outputs, ...) come back up the other,
+that the event loop never blocks on a full pipe; events (`engine.events` Outputs, ...) come back up the other,
 read by a reader thread that hands each one to `emit`. The child is started with `spawn` (no forked torch or CUDA
 state), loads the model, answers `Ready(policy, model_path)` or `LoadFailed(exception type, message)`, then runs
 `run_engine_loop`. The parent loads only the tokenizer and validates requests with the shipped policy.
@@ -32,8 +32,9 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from engine.commands import Command, Dead, Emit, Event, Stop
+from engine.commands import Command, Stop
 from engine.config import EngineConfig
+from engine.events import Dead, Emit, Event
 from engine.loop import run_engine_loop
 from engine.policy import RequestPolicy
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 
-from engine.commands import Event, Outputs, ProbeDone
+from engine.events import Event, Outputs, ProbeDone
 
 
 class EngineWatch:

@@ -10,7 +10,8 @@ import queue
 import threading
 from typing import Any, Protocol, runtime_checkable
 
-from engine.commands import Command, Emit, Stop
+from engine.commands import Command, Stop
+from engine.events import Emit
 from engine.loop import LoopEngine, run_engine_loop
 from engine.policy import RequestPolicy
 

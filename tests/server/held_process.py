@@ -14,7 +14,7 @@ import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from engine.commands import Event, Outputs, Snapshot
+from engine.events import Event, Outputs, Snapshot
 from engine.sequence import StepStats
 
 PAGE = 4096

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.commands import Add, Expired, Outputs
+from engine.commands import Add
+from engine.events import Expired, Outputs
 from engine.loop import Deadlines
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server.app import create_app
