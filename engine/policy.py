@@ -1,14 +1,16 @@
 """RequestPolicy: what a request may ask of one loaded engine, checked without touching the model.
 
 A small frozen value (picklable), so the server can validate requests in its own process when the engine runs in
-another: the engine process builds it after loading and ships it over. `Engine` delegates to it too, so both sides
-give the same answer and the same `ValueError` text.
+another: the engine process builds it after loading and ships it over. The server resolves and checks each request
+with it once (`server.serving`) and the engine admits what was checked (`Engine.admit`); callers without a server
+(`Engine.add_request`: `engine.llm.LLM`, benches) are checked with the same policy, so both give the same answer
+and the same `InvalidParam`.
 
 It also prices a request in the two resources a request cannot give back early: KV pages (`kv_pages`, what the
 server's admission sums against the pool) and decode forwards (`max_decode_forwards`, capped per request by
-`max_forwards`). Both are worst cases derived from the decoders in `engine/decoding/`; `tests/server/
-test_admission.py` checks them against what the engine really allocates and runs.
-"""
+`max_forwards`, and inverted by `max_tokens_within_forwards` for a request that leaves max_tokens to the server).
+Both are worst cases derived from the decoders in `engine/decoding/`; `tests/server/test_admission.py` checks them
+against what the engine really allocates and runs."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Request -> (prompt ids, SamplingParams) -> AsyncEngine -> OpenAI JSON or SSE; errors -> OpenAI error bodies.
 
-Every check that can fail (model name, unsupported fields, limits, tokenization, the engine's parameter checks
-with its `RequestPolicy`, once per request, the context length, admission) runs before the response starts; the stream then only carries text. Per choice, an
-IncrementalDetokenizer and a StopChecker turn token ids into text deltas; a stop-string hit ends that choice
-and aborts its engine sequence. SSE chunks keep their null fields; the usage chunk has `"choices": []`.
+Every check that can fail (model name, unsupported fields, limits, tokenization, the engine's parameter checks with
+its `RequestPolicy`, once per request, the context length, admission) runs before the response starts; the stream
+then only carries text. Per choice, an IncrementalDetokenizer and a StopChecker turn token ids into text deltas; a
+stop-string hit ends that choice and aborts its engine sequence. SSE chunks keep their null fields; the usage chunk
+has `"choices": []`.
 """
 
 from __future__ import annotations
