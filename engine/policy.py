@@ -10,7 +10,8 @@ It also prices a request in the two resources a request cannot give back early: 
 server's admission sums against the pool) and decode forwards (`max_decode_forwards`, capped per request by
 `max_forwards`, and inverted by `max_tokens_within_forwards` for a request that leaves max_tokens to the server).
 Both are worst cases derived from the decoders in `engine/decoding/`; `tests/server/test_admission.py` checks them
-against what the engine really allocates and runs."""
+against what the engine really allocates and runs.
+"""
 
 from __future__ import annotations
 
