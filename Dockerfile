@@ -31,6 +31,7 @@ COPY server ./server
 COPY loadtest ./loadtest
 COPY bench ./bench
 COPY convert ./convert
+COPY trimode_cli.py ./
 RUN pip install . && python -c "import engine, server; import torch; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS cpu-base
@@ -63,6 +64,7 @@ COPY server ./server
 COPY loadtest ./loadtest
 COPY bench ./bench
 COPY convert ./convert
+COPY trimode_cli.py ./
 # flash-attn needs torch at build time, hence no build isolation
 RUN pip install --no-build-isolation ".[gpu]" \
     && python -c "import engine, server, flash_attn; import torch; print('torch', torch.__version__, torch.version.cuda)"

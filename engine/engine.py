@@ -93,20 +93,21 @@ class Engine:
         self._rng = torch.Generator().manual_seed(config.seed)
 
     # ---- request intake -------------------------------------------------------------------------------------
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        """Fill the mode knobs' defaults and check them against this engine; ValueError names the field."""
-        return self.policy.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Reject what can never run: empty or out-of-vocabulary prompts, and context overflow."""
-        self.policy.check_request(prompt_token_ids, params)
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
+        """Resolve and check a request with this engine's `policy`, then admit it: the entry for callers with no
+        server in front (`engine.llm.LLM`, benches, tests). ValueError (an InvalidParam naming the field)."""
+        params = self.policy.resolve_params(params)
+        self.policy.check_request(prompt_token_ids, params)
+        self.admit(request_id, prompt_token_ids, params, arrival_time)
+
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              arrival_time: float | None = None) -> None:
+        """Queue a request that `policy` already resolved and checked (the server does, in its own process, before
+        the engine loop sees it): nothing is re-checked here but what only the engine knows (a duplicate id)."""
+        assert params.mode is not None and params.block_length is not None, "params must be resolved by the policy"
         if request_id in self.seqs:
             raise ValueError(f"request_id '{request_id}' is already running")
-        params = self.resolve_params(params)
-        self.check_request(prompt_token_ids, params)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         gen = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
@@ -161,11 +162,11 @@ class Engine:
             mode = seq.params.mode
             assert mode is not None
             if req.forward == Forward.PREFILL:
-                outcome = self._consume_prefill(seq, req, rows)
+                outcome = self._prefill_outcome(seq, req, rows)
             else:
                 seq.num_decode_forwards += 1
                 stats.decode_forwards_by_mode[mode] = stats.decode_forwards_by_mode.get(mode, 0) + 1
-                outcome = DECODERS[mode].consume(seq, req, rows, self.decoder_ctx)
+                outcome = DECODERS[mode].outcome_from_logits(seq, req, rows, self.decoder_ctx)
             self._add_to_stats(stats, outcome)
             out = self._apply_outcome(seq, req, outcome)
             if out is not None:
@@ -173,7 +174,7 @@ class Engine:
         stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
         return outputs
 
-    def _consume_prefill(self, seq: Sequence, req: ForwardRequest, rows: torch.Tensor) -> Outcome:
+    def _prefill_outcome(self, seq: Sequence, req: ForwardRequest, rows: torch.Tensor) -> Outcome:
         if req.all_logits:  # prompt logprobs: row i predicts the prompt token after query position i
             start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
             targets = [p for p in range(start + 1, start + len(req.token_ids) + 1) if p < seq.num_prompt_tokens]

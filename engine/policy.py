@@ -1,18 +1,22 @@
 """RequestPolicy: what a request may ask of one loaded engine, checked without touching the model.
 
 A small frozen value (picklable), so the server can validate requests in its own process when the engine runs in
-another: the engine process builds it after loading and ships it over. `Engine` delegates to it too, so both sides
-give the same answer and the same `ValueError` text.
+another: the engine process builds it after loading and ships it over. The server resolves and checks each request
+with it once (`server.serving`) and the engine admits what was checked (`Engine.admit`); callers without a server
+(`Engine.add_request`: `engine.llm.LLM`, benches) are checked with the same policy, so both give the same answer
+and the same `InvalidParam`.
 
 It also prices a request in the two resources a request cannot give back early: KV pages (`kv_pages`, what the
 server's admission sums against the pool) and decode forwards (`max_decode_forwards`, capped per request by
-`max_forwards`). Both are worst cases derived from the decoders in `engine/decoding/`; `tests/server/
-test_admission.py` checks them against what the engine really allocates and runs.
+`max_forwards`, and inverted by `max_tokens_within_forwards` for a request that leaves max_tokens to the server).
+Both are worst cases derived from the decoders in `engine/decoding/`; `tests/server/test_admission.py` checks them
+against what the engine really allocates and runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from engine.errors import InvalidParam
@@ -119,6 +123,41 @@ class RequestPolicy:
             k, r = block - 1, left - 1
             drafts = r * (r + 1) // 2 if r <= k else k * (k + 1) // 2 + (r - k) * k  # sum of min(k, r') for r'<=r
         return left + drafts
+
+    def max_tokens_within_forwards(self, params: SamplingParams) -> int:
+        """The largest max_tokens whose `max_decode_forwards` stays within `max_forwards` (`params` resolved; its
+        own max_tokens is ignored): `max_decode_forwards` inverted per mode, in closed form."""
+        cap, left = self.max_forwards, 0  # left: decode tokens, max_tokens - 1
+        if params.mode == "ar":
+            left = cap
+        elif params.mode == "diffusion":
+            assert params.block_length is not None and params.steps is not None
+            block = params.block_length
+            left = cap // (min(params.steps, block - 1) + 1) * block  # whole blocks of (denoise steps + commit)
+        elif params.threshold is None:  # self_spec / auto, one draft forward per round: 2 * left - 1 forwards
+            left = (cap + 1) // 2
+        else:  # drafting by threshold: left + sum of min(k, r') for r' <= r = left - 1
+            assert params.block_length is not None
+            k = params.block_length - 1
+            r = (cap - 1 + k * (k - 1) // 2) // (k + 1)  # past the ramp (r > k): (k + 1) r + 1 - k (k - 1) / 2
+            if r <= k:  # on the ramp (r <= k): (r + 1)(r + 2) / 2 forwards; the largest t = r + 1 with t(t+1)/2 <= cap
+                r = (math.isqrt(8 * cap + 1) - 1) // 2 - 1
+            left = r + 1
+        return left + 1
+
+    def max_tokens_within_context(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The largest max_tokens whose output positions fit in the context after the prompt (`params` resolved);
+        diffusion counts whole blocks. 0 or less when nothing fits."""
+        room = self.max_model_len - num_prompt_tokens
+        if params.mode == "diffusion":
+            assert params.block_length is not None
+            return room // params.block_length * params.block_length
+        return room
+
+    def largest_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The largest max_tokens this request may ask for: within the context and within the forward cap. What a
+        chat request without max_tokens runs with (`params` resolved). 0 or less when the prompt leaves no room."""
+        return min(self.max_tokens_within_context(num_prompt_tokens, params), self.max_tokens_within_forwards(params))
 
     def _check_forwards(self, params: SamplingParams) -> None:
         cost = self.max_decode_forwards(params)

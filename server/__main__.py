@@ -1,4 +1,4 @@
-"""`python -m server ...` is `trimode ...`."""
+"""`python -m server serve ...` is `trimode serve ...`."""
 
 from server.cli import main
 

@@ -2,13 +2,12 @@
 
 Errors always leave in OpenAI's shape: request validation (FastAPI's 422) becomes 400 with `param` set to the
 offending field, unknown routes 404, anything unexpected 500. The generation endpoints race the handler against
-`http.disconnect` (like vLLM's `with_cancellation`), so a client that goes away cancels the handler, which
-aborts its engine sequences and frees their KV blocks.
+`http.disconnect` (`server.disconnect`, like vLLM's `with_cancellation`), so a client that goes away cancels the
+handler, which aborts its engine sequences and frees their KV blocks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -22,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig
+from server.disconnect import race_disconnect
 from server.metrics import CONTENT_TYPE
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
-from server.serving import APIError, Serving
+from server.serving import APIError, OpenAIServing
 
 MAX_REPORTED_ERRORS = 10  # as vLLM; the request models fail fast (protocol.py), so few are ever built
 
@@ -51,50 +51,38 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(400, "; ".join(parts) or "invalid request", param), 400)
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def with_cancellation(request: Request, handler: Awaitable[Response], aeng: AsyncEngine) -> Response:
+async def with_cancellation(request: Request, handler: Awaitable[Response], async_engine: AsyncEngine) -> Response:
     """Run `handler`, cancelling it as soon as the client disconnects (counted in /metrics)."""
-    task = asyncio.ensure_future(handler)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    aeng.metrics.client_disconnected.labels(aeng.metrics.model_name).inc()
+    done = await race_disconnect(handler, request.receive)
+    if done is not None:
+        return done.result()
+    async_engine.metrics.client_disconnected.labels(async_engine.metrics.model_name).inc()
     return Response(status_code=499)  # nobody is listening
 
 
 def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     """Build the app over an Engine (run in a thread) or an EngineProcess; the engine loop follows the lifespan."""
     config = config or ServerConfig()
-    aeng = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens,
+    async_engine = AsyncEngine(engine, config.served_model_name, config.max_queued_requests, config.max_queued_tokens,
                        max_queued_kv_factor=config.max_queued_kv_factor,
                        engine_restart_attempts=config.engine_restart_attempts,
                        engine_restart_backoff=config.engine_restart_backoff, stall_timeout=config.stall_timeout,
                        ready_cache_seconds=config.ready_cache_seconds)
-    metrics = aeng.metrics
+    metrics = async_engine.metrics
     model_name = metrics.model_name
-    serving = Serving(aeng, config, metrics, model_name)
+    serving = OpenAIServing(async_engine, config, metrics, model_name)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aeng.start()
+        async_engine.start()
         try:
             yield
         finally:
-            aeng.stop()
+            async_engine.stop()
 
     app = FastAPI(title="trimode", version=__version__, lifespan=lifespan)
-    app.state.aeng = aeng
+    app.state.async_engine = async_engine
     app.state.config = config
 
     @app.exception_handler(APIError)
@@ -115,15 +103,15 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await with_cancellation(request, serving.completions(req), aeng)
+        return await with_cancellation(request, serving.completions(req), async_engine)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await with_cancellation(request, serving.chat(req), aeng)
+        return await with_cancellation(request, serving.chat(req), async_engine)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "trimode", "root": model_name,
-                "parent": None, "max_model_len": aeng.max_model_len}
+                "parent": None, "max_model_len": async_engine.max_model_len}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -136,31 +124,31 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        problem = aeng.health_problem()  # dead, being respawned, or stalled with work in flight
+        problem = async_engine.health_problem()  # dead, being respawned, or stalled with work in flight
         if problem is not None:
             return JSONResponse(error_body(503, problem), 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        why = aeng.health_problem() or ("The server is draining." if aeng.draining else None)
+        why = async_engine.health_problem() or ("The server is draining." if async_engine.draining else None)
         if why is not None:
             return JSONResponse(error_body(503, why), 503)
         try:  # answered by a forward within ready_cache_seconds, or one probe shared by concurrent callers
-            await aeng.probe(config.probe_timeout)
+            await async_engine.probe(config.probe_timeout)
         except Exception as exc:
             return JSONResponse(error_body(503, f"probe forward failed: {type(exc).__name__}"), 503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
-        snap = aeng.snapshot
+        snap = async_engine.snapshot
         metrics.set_gauges(snap.num_running, snap.num_waiting, snap.kv_cache_usage)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/load")
     async def load() -> dict[str, int]:
-        return {"server_load": aeng.num_inflight}
+        return {"server_load": async_engine.num_inflight}
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -176,7 +164,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         else:
             assert req.prompt is not None
             tokens = await serving.encode(req.prompt, "prompt", req.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": aeng.max_model_len, "tokens": tokens}
+        return {"count": len(tokens), "max_model_len": async_engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:

@@ -1,17 +1,19 @@
 """AsyncEngine: the asyncio side of the engine. Admission, per-request queues, metrics, deadlines, death.
 
-The engine itself runs behind a `server.engine_core.Core`: in a thread of this process (`ThreadCore`, given an
-`Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go out through `Core.send`; each
-engine step comes back as one event, posted onto the event loop with a single `call_soon_threadsafe`; `_dispatch`
-fans the outputs out to per-request asyncio queues, so a slow client never blocks the engine. Admission (sequences,
+The engine itself runs behind a `server.transport.EngineTransport`: in a thread of this process
+(`ThreadTransport`, given an `Engine`) or in its own process (`server.engine_process.EngineProcess`). Commands go
+out through `EngineTransport.send`; each engine step comes back as one event (`engine.events`), posted onto the
+event loop with a single `call_soon_threadsafe`; `_dispatch` fans the outputs out to per-request asyncio queues, so
+a slow client never blocks the engine. Requests reach `generate` resolved and checked with the engine's `policy`
+(by `server.serving`), once, here in the server process; the engine trusts them. Admission (sequences,
 tokens and worst-case KV pages in flight, `server.admission`) is decided synchronously on the event loop before any
-response starts, so the slot is reserved atomically. A "fail_requests" event fails only the requests of one failed
+response starts, so the slot is reserved atomically. A `BatchFailed` event fails only the requests of one failed
 forward.
 
-Death: a "dead" event (the loop or the process ended) fails every open request with `EngineDeadError`, zeroes the
-gauges, and sets `dead` (/health 503). A core that can `respawn` (an `EngineProcess`) is respawned with backoff,
+Death: a `Dead` event (the loop or the process ended) fails every open request with `EngineDeadError`, zeroes the
+gauges, and sets `dead` (/health 503). A transport that can respawn (an `EngineProcess`) is respawned with backoff,
 up to `engine_restart_attempts` times in a row (the count restarts once a respawned engine completes a forward);
-then `dead` clears. A `ThreadCore` cannot be: an exception that escaped its loop leaves the Engine's state
+then `dead` clears. A `ThreadTransport` cannot be: an exception that escaped its loop leaves the Engine's state
 unknown, and a thread cannot be killed. When no respawn is left the engine is lost: `engine_lost` is set and
 `on_engine_lost` is called (`trimode serve` then exits 1, for a supervisor to restart the server); an embedder
 without the hook (create_app in-process, the tests) keeps answering 503. Stalls and readiness are judged from
@@ -26,14 +28,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.commands import Abort, Add, Command, Probe
 from engine.errors import InvalidParam
-from engine.sequence import RequestOutput, SamplingParams, StepStats
+from engine.events import AddRefused, BatchFailed, Dead, Event, Expired, Outputs, ProbeDone, Snapshot
+from engine.policy import RequestPolicy
+from engine.sequence import RequestOutput, SamplingParams
 from server import admission
-from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
 from server.liveness import EngineWatch
 from server.metrics import ServerMetrics
+from server.transport import EngineTransport, ThreadTransport
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 log = logging.getLogger("trimode.server")
 
@@ -99,8 +107,8 @@ class Generation:
             self.abort_unfinished(push=False)
             raise exc
         while True:
-            # the engine loop owns deadlines (server.engine_core: it aborts due requests before every step and
-            # sends "expired", whether or not anyone reads); this is only the backstop for an engine that is stuck
+            # the engine loop owns deadlines (engine.loop: it aborts due requests before every step and
+            # sends Expired, whether or not anyone reads); this is only the backstop for an engine that is stuck
             # (a step, or a hung engine process, outliving the deadline by DEADLINE_BACKSTOP_S), so that the client
             # still gets its answer
             timeout = None if self.deadline is None else \
@@ -163,11 +171,11 @@ class Generation:
 
 @dataclass
 class AsyncEngine:
-    """Owns the engine's Core; all other server code goes through this object.
+    """Owns the engine's transport; all other server code goes through this object.
 
-    `engine` is a `Core` (an `EngineProcess`) or an `Engine`, which then runs in a `ThreadCore`."""
+    `engine` is an `EngineTransport` (an `EngineProcess`) or an `Engine`, which then runs in a `ThreadTransport`."""
 
-    engine: Any
+    engine: Engine | EngineTransport
     served_model_name: str | None = None
     max_queued_requests: int = 256
     max_queued_tokens: int = 1 << 20
@@ -183,8 +191,10 @@ class AsyncEngine:
     snapshot: Snapshot = field(default_factory=Snapshot)
 
     def __post_init__(self) -> None:
-        self.core: Core = self.engine if isinstance(self.engine, Core) else ThreadCore(self.engine)
+        self.core: EngineTransport = self.engine if isinstance(self.engine, EngineTransport) \
+            else ThreadTransport(self.engine)
         self.metrics = ServerMetrics(self.served_model_name or self.core.model_name)
+        self._policy: RequestPolicy | None = self.core.policy
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probes: dict[int, asyncio.Future] = {}
         self._probe_ids = itertools.count()
@@ -213,11 +223,12 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.core.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.core.check_request(prompt_token_ids, params)
+    @property
+    def policy(self) -> RequestPolicy:
+        """What a request may ask of the engine, as the engine shipped it: the serving layer resolves and checks
+        every request with it once, here in the server process, and the engine trusts what was checked."""
+        assert self._policy is not None, "this engine ships no RequestPolicy (a test fake)"
+        return self._policy
 
     @property
     def num_inflight(self) -> int:
@@ -258,7 +269,7 @@ class AsyncEngine:
         if self.draining:
             raise Overloaded("draining", "The server is shutting down.")
         num_tokens = sum(len(ids) + params.max_tokens for ids, params in prompts)
-        policy = getattr(self.engine, "policy", None)  # an Engine's or an EngineProcess's; test fakes have none
+        policy = self._policy
         pages, bound = 0, 0
         if policy is not None:
             if why := admission.never_fits(policy, self.max_queued_kv_factor, prompts):
@@ -345,7 +356,7 @@ class AsyncEngine:
                 await asyncio.sleep(0.05)
 
     # ---- event-loop side ------------------------------------------------------------------------------------
-    def _send(self, cmd: Add | Abort | Probe) -> None:
+    def _send(self, cmd: Command) -> None:
         self.core.send(cmd)
 
     def _finish_track(self, gen: Generation, track: SeqTrack, reason: str) -> None:
@@ -371,12 +382,12 @@ class AsyncEngine:
                 ",".join(str(t.finish_reason) for t in gen.tracks),
                 f"{min(first) - gen.start:.4f}" if first else "none", now - gen.start)
 
-    def _dispatch(self, outputs: list[RequestOutput], stats: StepStats | None, step_time: float,
-                  snapshot: Snapshot) -> None:
-        """Runs on the event loop once per engine step."""
-        self.snapshot = snapshot
-        if stats is not None:
-            self.metrics.on_step(stats)
+    def _dispatch(self, event: Outputs) -> None:
+        """Runs on the event loop once per engine step: each output to its request's queue, and the metrics."""
+        self.snapshot = event.snapshot
+        if event.stats is not None:
+            self.metrics.on_step(event.stats)
+        outputs, step_time = event.outputs, event.step_seconds
         now = time.monotonic()
         name = self.metrics.model_name
         for out in outputs:
@@ -408,30 +419,31 @@ class AsyncEngine:
         if entry is not None:
             entry[0].queue.put_nowait((entry[1], exc))
 
-    def _fail_request(self, request_id: str, message: str, field: str | None = None) -> None:
+    def _add_refused(self, event: AddRefused) -> None:
         """An Add the engine refused (its ValueError's text, and the field an InvalidParam named): a 400."""
-        self._push_error(request_id, ValueError(message) if field is None else InvalidParam(field, message))
+        message, field = event.message, event.field
+        self._push_error(event.request_id, ValueError(message) if field is None else InvalidParam(field, message))
 
-    def _fail_requests(self, request_ids: list[str], message: str, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        for request_id in request_ids:
-            self._push_error(request_id, RequestFailedError(f"the forward pass failed: {message}"))
+    def _batch_failed(self, event: BatchFailed) -> None:
+        self.snapshot = event.snapshot
+        for request_id in event.request_ids:
+            self._push_error(request_id, RequestFailedError(f"the forward pass failed: {event.message}"))
 
-    def _expired(self, request_ids: list[str], snapshot: Snapshot) -> None:
+    def _expired(self, event: Expired) -> None:
         """Requests the engine aborted at their deadline (their KV is already free): each ends with "abort"."""
-        self.snapshot = snapshot
-        for request_id in request_ids:
+        self.snapshot = event.snapshot
+        for request_id in event.request_ids:
             entry = self._tracks.get(request_id)
             if entry is not None:  # else: already ended on this side (a stop string, the client went away)
                 entry[0].expire(entry[1])
 
-    def _probe_done(self, probe_id: int, error: str | None) -> None:
-        fut = self._probes.get(probe_id)
+    def _probe_done(self, event: ProbeDone) -> None:
+        fut = self._probes.get(event.probe_id)
         if fut is not None and not fut.done():
-            if error is None:
+            if event.error is None:
                 fut.set_result(None)
             else:
-                fut.set_exception(RuntimeError(error))
+                fut.set_exception(RuntimeError(event.error))
 
     def _fail_all(self, reason: str) -> None:
         if self.dead is not None:
@@ -454,9 +466,9 @@ class AsyncEngine:
 
     async def _recover(self, reason: str) -> None:
         """Respawn the engine with backoff while attempts are left (see the module docstring); else lose it."""
-        respawn = getattr(self.core, "respawn", None)  # EngineProcess only
+        can_respawn = self.core.can_respawn  # EngineProcess only
         attempts = self.engine_restart_attempts
-        while respawn is not None and not self.draining and self._restarts_in_a_row < attempts:
+        while can_respawn and not self.draining and self._restarts_in_a_row < attempts:
             delay = self.engine_restart_backoff * 2 ** min(self._restarts_in_a_row, 8)
             self._restarts_in_a_row += 1
             self.restarting = f"attempt {self._restarts_in_a_row} of {attempts}"
@@ -465,12 +477,13 @@ class AsyncEngine:
             if self.draining:
                 break
             try:
-                await asyncio.to_thread(respawn)
+                await asyncio.to_thread(self.core.respawn)
             except Exception as exc:  # noqa: BLE001 - a failed load is one attempt spent, not the server's end
                 log.error("engine respawn failed (%s): %s: %s", self.restarting, type(exc).__name__, exc)
                 reason = f"respawn failed: {type(exc).__name__}"
                 continue
             self.watch.engine_replaced()
+            self._policy = self.core.policy  # the respawned engine's (the same config: the same policy)
             self.core.start(self._on_event)
             self.dead, self.restarting = None, None
             self.metrics.engine_restarts.labels(self.metrics.model_name).inc()
@@ -479,22 +492,32 @@ class AsyncEngine:
         self.restarting = None
         self.engine_lost = True
         log.critical("the engine is lost (%s); %s", reason, "no respawn is possible for an in-process engine"
-                     if respawn is None else f"{self._restarts_in_a_row} respawn(s) in a row used")
+                     if not can_respawn else f"{self._restarts_in_a_row} respawn(s) in a row used")
         if self.on_engine_lost is not None:
             self.on_engine_lost()
 
-    _EVENTS = {"outputs": "_dispatch", "fail_request": "_fail_request", "fail_requests": "_fail_requests",
-               "expired": "_expired", "probe": "_probe_done", "dead": "_fail_all"}
-
-    def _on_event(self, name: str, *args: Any) -> None:
-        """Called by the core's thread for every event: hop onto the event loop."""
+    def _on_event(self, event: Event) -> None:
+        """Called by the transport's thread for every event: hop onto the event loop."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._on_loop, name, args)
+            self._loop.call_soon_threadsafe(self._on_loop, event)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
 
-    def _on_loop(self, name: str, args: tuple[Any, ...]) -> None:
-        if self.watch.on_event(name, args):
+    def _on_loop(self, event: Event) -> None:
+        if self.watch.on_event(event):
             self._restarts_in_a_row = 0  # this engine ran a forward: a later death starts a fresh run of attempts
-        getattr(self, self._EVENTS[name])(*args)
+        if isinstance(event, Outputs):
+            self._dispatch(event)
+        elif isinstance(event, AddRefused):
+            self._add_refused(event)
+        elif isinstance(event, BatchFailed):
+            self._batch_failed(event)
+        elif isinstance(event, Expired):
+            self._expired(event)
+        elif isinstance(event, ProbeDone):
+            self._probe_done(event)
+        elif isinstance(event, Dead):
+            self._fail_all(event.reason)
+        else:
+            raise TypeError(f"unknown engine event {event!r}")

@@ -1,4 +1,5 @@
-"""`trimode serve | generate | bench | loadtest`: argparse front end.
+"""`trimode serve` (and `python -m server serve`): the server's one command; the other `trimode` subcommands are
+tools beside the runtime, dispatched by `trimode_cli`. Imports no torch and no tool (bench, loadtest).
 
 `serve` loads a preset (`--config`), applies the named flags and any generic `--engine.KEY VALUE` /
 `--server.KEY VALUE` overrides (every field of EngineConfig / ServerConfig, listed in `--help` with its default
@@ -37,7 +38,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^\n#]*#\s*([^\n]*)$", src, re.M)}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, tables: tuple[str, ...] = ("engine", "server")) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, tables: tuple[str, ...] = ("engine", "server")) -> None:
     for table, cls in (("engine", EngineConfig), ("server", ServerConfig)):
         if table not in tables:
             continue
@@ -50,9 +51,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, tables: tuple[str, ...] =
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m server`: the `serve` subcommand alone."""
     parser = argparse.ArgumentParser(prog="trimode", description="Serve tri-mode diffusion LMs over an "
                                      "OpenAI-compatible API.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_serve_parser(sub: Any) -> None:
+    """`serve` and its flags, as a subcommand of `sub` (an argparse subparsers action)."""
     serve = sub.add_parser("serve", help="run the HTTP server", description="Serve a checkpoint over the "
                            "OpenAI API. Precedence: built-in defaults < --config TOML < flags.")
     serve.add_argument("--config", help="TOML preset with [engine] and [server] tables (see configs/)")
@@ -68,25 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
                        help="log level; one line per finished request at info (default info)")
-    _add_config_flags(serve)
-
-    gen = sub.add_parser("generate", help="offline: generate for one prompt and print the text")
-    gen.add_argument("prompt")
-    gen.add_argument("--config")
-    gen.add_argument("--model")
-    gen.add_argument("--mode", choices=["ar", "diffusion", "self_spec"])
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--block-length", type=int)
-    gen.add_argument("--threshold", type=float)
-    _add_config_flags(gen, ("engine",))
-
-    sub.add_parser("bench", help="offline tokens/s by mode and batch size vs transformers (`trimode bench --help`)",
-                   add_help=False)
-    sub.add_parser("loadtest", help="load-test a running server (python -m loadtest; see `trimode loadtest --help`)",
-                   add_help=False)
-    return parser
+    add_config_flags(serve)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -164,46 +153,19 @@ def serve(args: argparse.Namespace) -> int:
         print(f"trimode: cannot load the model: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine, server_cfg)
-    aeng = app.state.aeng
-    log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", aeng.metrics.model_name,
-             aeng.max_model_len, server_cfg.host, server_cfg.port,
+    async_engine = app.state.async_engine
+    log.info("serving %s (max_model_len %d) on http://%s:%d; API key %s; %s", async_engine.metrics.model_name,
+             async_engine.max_model_len, server_cfg.host, server_cfg.port,
              "required except on " + " ".join(sorted(OPEN_PATHS)) if server_cfg.api_key else "off", server_cfg)
-    server = make_server(app, server_cfg, aeng)
-    aeng.on_engine_lost = lambda: setattr(server, "should_exit", True)  # no respawn left: exit for a supervisor
+    server = make_server(app, server_cfg, async_engine)
+    async_engine.on_engine_lost = lambda: setattr(server, "should_exit", True)  # no respawn left: exit for a supervisor
     server.run()
-    return 1 if aeng.engine_lost else 0
-
-
-def generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
-    from engine.sequence import SamplingParams
-
-    engine_cfg, _ = load_config(args.config, {"engine": overrides_from(args)["engine"]})
-    kwargs = {f.name: getattr(engine_cfg, f.name) for f in fields(engine_cfg) if f.name != "model"}
-    llm = LLM(engine_cfg.model, **kwargs)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, mode=args.mode,
-                            steps=args.steps, block_length=args.block_length, threshold=args.threshold)
-    out = llm.generate(args.prompt, params)[0]
-    print(out.text)
-    print(f"[mode={out.mode} tokens={len(out.token_ids)} forwards={out.num_decode_forwards} "
-          f"finish={out.finish_reason}]", file=sys.stderr)
-    return 0
+    return 1 if async_engine.engine_lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from bench.offline import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv and argv[0] == "loadtest":
-        from loadtest.cli import main as loadtest_main
-
-        return loadtest_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return generate(args)
+    """`python -m server serve ...`; the `trimode` command (`trimode_cli`) dispatches `serve` here."""
+    return serve(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

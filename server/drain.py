@@ -38,10 +38,10 @@ TASK_GRACE_S = 1.0  # after the aborts: time for handlers to see their disconnec
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, aeng: AsyncEngine, shutdown_timeout: float,
+    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine, shutdown_timeout: float,
                  guard: ConnectionGuard | None = None) -> None:
         super().__init__(config)
-        self.aeng = aeng
+        self.async_engine = async_engine
         self.shutdown_timeout = shutdown_timeout
         self.guard = guard
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,21 +55,21 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is None or self._drain_task is not None or self.aeng.draining:
+        if self._loop is None or self._drain_task is not None or self.async_engine.draining:
             self.should_exit = True
             self.force_exit = self._drain_task is not None
             return
         log.info("signal %d: draining (up to %.1fs for %d in-flight request(s))", sig, self.shutdown_timeout,
-                 self.aeng.num_inflight)
+                 self.async_engine.num_inflight)
         self._deadline = time.monotonic() + self.shutdown_timeout
-        self.aeng.draining = True
+        self.async_engine.draining = True
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        await self.aeng.drain(self.shutdown_timeout)
+        await self.async_engine.drain(self.shutdown_timeout)
         log.info("drained; shutting down")
         self.should_exit = True
 
@@ -105,8 +105,10 @@ class DrainingServer(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-def make_server(app: Any, cfg: ServerConfig, aeng: AsyncEngine | None = None, lifespan: str = "on") -> DrainingServer:
-    """The trimode HTTP server for `app` (its AsyncEngine is `app.state.aeng` unless given) as configured by `cfg`."""
+def make_server(app: Any, cfg: ServerConfig, async_engine: AsyncEngine | None = None,
+                lifespan: str = "on") -> DrainingServer:
+    """The trimode HTTP server for `app` (its AsyncEngine is `app.state.async_engine` unless given) as configured by
+    `cfg`."""
     guard = ConnectionGuard(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout,
                             write_timeout=cfg.write_timeout,
                             max_connections=effective_max_connections(cfg.max_connections),
@@ -115,4 +117,5 @@ def make_server(app: Any, cfg: ServerConfig, aeng: AsyncEngine | None = None, li
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             access_log=cfg.log_level == "debug", lifespan=lifespan, http=protocol_class(guard),
                             ws="none", backlog=ACCEPT_BACKLOG)
-    return DrainingServer(config, aeng if aeng is not None else app.state.aeng, cfg.shutdown_timeout, guard)
+    return DrainingServer(config, async_engine if async_engine is not None else app.state.async_engine,
+                          cfg.shutdown_timeout, guard)

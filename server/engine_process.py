@@ -1,20 +1,20 @@
-"""EngineProcess: the Engine in its own process, reached over two pipes; the server's default `Core`.
+"""EngineProcess: the Engine in its own process, reached over two pipes; the server's default `EngineTransport`.
 
 Why a process: on a small model the engine's step is mostly Python (scheduling, sampling, bookkeeping), and in a
 thread it shares one GIL with the event loop's per-token work (SSE framing, detokenizing, metrics), so each
 waits for the other. In its own process the engine steps while the event loop serves: the same design as
 vLLM v1's EngineCore process.
 
-Wire: commands (`server.engine_core` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
-that the event loop never blocks on a full pipe; events come back up the other as `(name, *args)` tuples, read by
-a reader thread that hands each one to `emit`. The child is started with `spawn` (no forked torch or CUDA state),
-loads the model, answers `("ready", RequestPolicy, model_path)` or `("error", exception type, message)`, then
-runs `run_engine_loop`. The parent loads only the tokenizer and validates requests with the shipped policy.
+Wire: commands (`engine.commands` Add | Abort | Probe | Stop) go down one pipe, written by a sender thread so
+that the event loop never blocks on a full pipe; events (`engine.events` Outputs, ...) come back up the other,
+read by a reader thread that hands each one to `emit`. The child is started with `spawn` (no forked torch or CUDA
+state), loads the model, answers `Ready(policy, model_path)` or `LoadFailed(exception type, message)`, then runs
+`run_engine_loop`. The parent loads only the tokenizer and validates requests with the shipped policy.
 
 Lifetime: the child starts its own session, so a signal sent to the server's process group (Ctrl-C in a
 terminal, `kill -TERM -PGID`) reaches only the server, which drains and then stops the child with Stop (SIGKILL
 after a timeout). If the server process dies, the child sees its command pipe close and exits. If the child
-dies, the reader sees the event pipe close and emits "dead", so every open request fails and /health says 503;
+dies, the reader sees the event pipe close and emits `Dead`, so every open request fails and /health says 503;
 the server then calls `respawn` (with backoff, `server.async_engine`), which starts a fresh child with fresh
 pipes: commands sent to the dead one are dropped, and the new one is clean.
 """
@@ -28,18 +28,35 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from engine.commands import Command, Stop
 from engine.config import EngineConfig
+from engine.events import Dead, Emit, Event
+from engine.loop import run_engine_loop
 from engine.policy import RequestPolicy
-from engine.sequence import SamplingParams
-from server.engine_core import Command, Core, Emit, Stop, run_engine_loop
 
 log = logging.getLogger("trimode.server")
 
 _LOAD_ERRORS: dict[str, type[Exception]] = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+
+
+@dataclass(slots=True)
+class Ready:
+    """The child loaded its model: what the server checks requests with, and the model's path (its tokenizer)."""
+
+    policy: RequestPolicy
+    model_path: str
+
+
+@dataclass(slots=True)
+class LoadFailed:
+    """The child could not load its model: the exception's type name and message, raised again in the server."""
+
+    kind: str
+    message: str
 
 
 def _child_main(config: EngineConfig, log_level: str, commands: Connection, events: Connection,
@@ -52,9 +69,9 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
 
-    def emit(name: str, *args: Any) -> None:
+    def emit(event: Event | Ready | LoadFailed) -> None:
         try:
-            events.send((name, *args))
+            events.send(event)
         except OSError:  # the server process is gone
             raise SystemExit(0) from None
 
@@ -64,9 +81,9 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
         engine = Engine(config)
         path = config.model or default_model_path()
     except Exception as exc:  # reported to the parent, which raises it at startup
-        emit("error", type(exc).__name__, str(exc))
+        emit(LoadFailed(type(exc).__name__, str(exc)))
         return
-    emit("ready", engine.policy, path)
+    emit(Ready(engine.policy, path))
 
     def get(block: bool, timeout: float | None = None) -> Command | None:
         try:
@@ -80,11 +97,14 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
     run_engine_loop(engine, get, emit)
 
 
-class EngineProcess(Core):
-    """Spawn the engine process and wait until its model is loaded; raises what loading raised.
+class EngineProcess:
+    """Spawn the engine process and wait until its model is loaded; raises what loading raised. An
+    `EngineTransport` that can respawn.
 
     `cpus` pins the engine process to those CPUs (`server.affinity`); its torch threads then default to their count.
     """
+
+    can_respawn = True
 
     def __init__(self, config: EngineConfig, log_level: str = "info", startup_timeout: float = 600.0,
                  cpus: tuple[int, ...] | None = None) -> None:
@@ -154,18 +174,11 @@ class EngineProcess(Core):
             msg = self._events.recv()
         except EOFError:
             raise RuntimeError("the engine process exited while loading") from None
-        if msg[0] == "error":
-            _, kind, text = msg
+        if isinstance(msg, LoadFailed):
+            kind, text = msg.kind, msg.message
             raise _LOAD_ERRORS.get(kind, RuntimeError)(text if kind in _LOAD_ERRORS else f"{kind}: {text}")
-        _, policy, path = msg
-        return policy, path
-
-    # ---- request checks, answered here from the shipped policy ------------------------------------------------
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return self.policy.resolve_params(params)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.policy.check_request(prompt_token_ids, params)
+        assert isinstance(msg, Ready), msg
+        return msg.policy, msg.model_path
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def start(self, emit: Emit) -> None:
@@ -191,14 +204,14 @@ class EngineProcess(Core):
     def _read(self, emit: Emit, proc: Any, events: Connection) -> None:
         while True:
             try:
-                msg = events.recv()
+                event = events.recv()
             except (EOFError, OSError):
                 break
-            emit(*msg)
+            emit(event)
         if not self._stopping:
             proc.join(5)
             log.error("the engine process exited (exit code %s)", proc.exitcode)
-            emit("dead", f"the engine process exited (exit code {proc.exitcode})")
+            emit(Dead(f"the engine process exited (exit code {proc.exitcode})"))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child (Stop, then SIGKILL after `timeout`) and the two threads."""

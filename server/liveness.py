@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+
+from engine.events import Event, Outputs, ProbeDone
 
 
 class EngineWatch:
@@ -24,14 +25,12 @@ class EngineWatch:
         self.last_forward = -math.inf  # no forward proven yet: the first readiness check probes
         self._quiet_from = self.last_event  # the later of the last event and the moment idle work arrived
 
-    def on_event(self, name: str, args: tuple[Any, ...]) -> bool:
+    def on_event(self, event: Event) -> bool:
         """Record one engine event (on the event loop); True when it proves a completed forward."""
         now = time.monotonic()
         self.last_event = self._quiet_from = now
-        # ("outputs", outputs, stats, ...): stats is None when the loop went idle, and a step that found nothing
-        # to run has no forward kind; ("probe", id, error): error is None when the probe forward ran
-        ran = (name == "outputs" and args[1] is not None and getattr(args[1], "forward_kind", None) is not None) \
-            or (name == "probe" and args[1] is None)
+        ran = (isinstance(event, Outputs) and event.ran_forward) or \
+            (isinstance(event, ProbeDone) and event.error is None)
         if ran:
             self.last_forward = now
         return ran

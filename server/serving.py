@@ -1,9 +1,10 @@
 """Request -> (prompt ids, SamplingParams) -> AsyncEngine -> OpenAI JSON or SSE; errors -> OpenAI error bodies.
 
-Every check that can fail (model name, unsupported fields, limits, tokenization, engine parameter checks, the
-context length, admission) runs before the response starts; the stream then only carries text. Per choice, an
-IncrementalDetokenizer and a StopChecker turn token ids into text deltas; a stop-string hit ends that choice
-and aborts its engine sequence. SSE chunks keep their null fields; the usage chunk has `"choices": []`.
+Every check that can fail (model name, unsupported fields, limits, tokenization, the engine's parameter checks with
+its `RequestPolicy`, once per request, the context length, admission) runs before the response starts; the stream
+then only carries text. Per choice, an IncrementalDetokenizer and a StopChecker turn token ids into text deltas; a
+stop-string hit ends that choice and aborts its engine sequence. SSE chunks keep their null fields; the usage chunk
+has `"choices": []`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine.sequence import MAX_LOGPROBS, RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError, Generation, Overloaded, RequestFailedError
 from server.config import ServerConfig
 from server.detokenizer import IncrementalDetokenizer, StopChecker
+from server.disconnect import race_disconnect, until_disconnect
 from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
@@ -112,23 +114,13 @@ class SSEResponse(StreamingResponse):
         async def bounded_send(message: Message) -> None:
             await self._send_within(send, message)
 
-        task = asyncio.ensure_future(self.stream_response(bounded_send))
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done() and not task.cancelled() and isinstance(task.exception(), _WriteTimeout):
+            done = await race_disconnect(self.stream_response(bounded_send), receive)
+            if done is not None and not done.cancelled() and isinstance(done.exception(), _WriteTimeout):
                 log.info("stream ended: the client read nothing for write_timeout %gs", self.write_timeout)
                 await self._end_body()
-                await watcher  # the connection layer drops the connection (see the class docstring)
+                await until_disconnect(receive)  # the connection layer drops the connection (see the docstring)
         finally:
-            for t in (task, watcher):
-                t.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
             await self._end_body()
 
 
@@ -148,7 +140,7 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
 
-    def consume(self, out: RequestOutput, gen: Generation) -> str:
+    def render_output(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
         if out.logprobs is not None:
@@ -173,10 +165,10 @@ class ChoiceState:
 
 
 @dataclass
-class Serving:
+class OpenAIServing:
     """The two generation endpoints over one AsyncEngine."""
 
-    aeng: AsyncEngine
+    async_engine: AsyncEngine
     config: ServerConfig
     metrics: ServerMetrics
     model_name: str
@@ -220,30 +212,25 @@ class Serving:
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-            return self.aeng.resolve_params(params)
+            return self.async_engine.policy.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
 
     def _fit(self, ids: list[int], params: SamplingParams, fill: bool, prompt_field: str) -> SamplingParams:
-        """Check the context; with `fill` (chat, no max_tokens) use the largest max_tokens that fits."""
+        """Check the request once against the engine's policy (context, vocabulary, forward cap); with `fill`
+        (chat, no max_tokens) it runs with the largest max_tokens within both the context and the forward cap.
+        A prompt that leaves no room is refused with the context error for the one token it cannot have."""
+        policy = self.async_engine.policy
         if fill:
-            room = self.aeng.max_model_len - len(ids)
-            block = params.block_length or 1
-            for cand in (room, room // block * block, room - block + 1, (room - block + 1) // block * block):
-                if cand >= 1:
-                    try:
-                        self.aeng.check_request(ids, replace(params, max_tokens=cand))
-                        return replace(params, max_tokens=cand)
-                    except ValueError:
-                        continue
+            params = replace(params, max_tokens=max(1, policy.largest_max_tokens(len(ids), params)))
         try:
-            self.aeng.check_request(ids, params)
+            policy.check_request(ids, params)
         except ValueError as exc:
             raise _bad_request(exc, prompt_field) from None
         return params
 
     def require_tokenizer(self, what: str) -> Any:
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         if tok is None:
             raise APIError(400, f"this model ships no tokenizer: {what} needs one; send token ids", what)
         return tok
@@ -257,7 +244,7 @@ class Serving:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
         base = self._params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
         for ids, text in prompts:
@@ -314,10 +301,10 @@ class Serving:
     def _check_chars(self, num_chars: int, what: str) -> None:
         """Refuse, without tokenizing, text longer than any max_model_len-token text can be."""
         if self._max_chars is None:
-            tok = self.aeng.tokenizer
-            self._max_chars = self.aeng.max_model_len * max((len(t) for t in tok.get_vocab()), default=1)
+            tok = self.async_engine.tokenizer
+            self._max_chars = self.async_engine.max_model_len * max((len(t) for t in tok.get_vocab()), default=1)
         if num_chars > self._max_chars:
-            raise APIError(400, f"This model's maximum context length is {self.aeng.max_model_len} tokens, and "
+            raise APIError(400, f"This model's maximum context length is {self.async_engine.max_model_len} tokens, and "
                            f"the {what} ({num_chars} characters) is longer than any text of that many tokens.",
                            what)
 
@@ -344,7 +331,7 @@ class Serving:
         return await self.encode(text, "messages", add_special_tokens=False)
 
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
         return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo),
                            prompt_ids=ids)
@@ -356,7 +343,7 @@ class Serving:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         timeout = req.timeout if req.timeout is not None else self.config.request_timeout
         try:
-            gen = self.aeng.generate(request_id, items, timeout)
+            gen = self.async_engine.generate(request_id, items, timeout)
         except Overloaded as exc:
             self.metrics.reject(exc.reason)
             raise APIError(503, str(exc), headers={"Retry-After": str(self.config.retry_after)}) from None
@@ -381,14 +368,14 @@ class Serving:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 if states[item[0]].finish_reason is None:  # else: stale output of a choice a stop string ended
-                    states[item[0]].consume(item[1], gen)
+                    states[item[0]].render_output(item[1], gen)
                 item = None if _all_done(states) else await gen.next()
         except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc)) from None
         finally:
             gen.close()
         completion_tokens = sum(s.num_output_tokens for s in states)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
         body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
                     usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
         return Response(_dumps(body), media_type="application/json")
@@ -411,7 +398,7 @@ class Serving:
                       num_prompt_tokens: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
-        tok = self.aeng.tokenizer
+        tok = self.async_engine.tokenizer
 
         def usage() -> dict[str, dict[str, int]]:
             return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
@@ -429,7 +416,7 @@ class Serving:
                 for index, out in [item, *gen.ready()]:
                     state = states[index]
                     if state.finish_reason is None:
-                        texts[index] = texts.get(index, "") + state.consume(out, gen)
+                        texts[index] = texts.get(index, "") + state.render_output(out, gen)
                 for index, text in texts.items():
                     state = states[index]
                     if text or state.finish_reason is not None:

@@ -146,8 +146,8 @@ def test_auto_on_a_plain_causal_checkpoint_is_ar(tmp_path):
 
 def test_steps_with_auto_is_refused_naming_the_field(tiny_llm):
     with pytest.raises(ValueError, match=r"^steps 4: .*never runs diffusion"):
-        tiny_llm.engine.resolve_params(SamplingParams(mode="auto", steps=4))
-    resolved = tiny_llm.engine.resolve_params(SamplingParams(mode="auto", block_length=4, threshold=0.5))
+        tiny_llm.engine.policy.resolve_params(SamplingParams(mode="auto", steps=4))
+    resolved = tiny_llm.engine.policy.resolve_params(SamplingParams(mode="auto", block_length=4, threshold=0.5))
     assert (resolved.mode, resolved.block_length, resolved.threshold) == ("auto", 4, 0.5)
 
 

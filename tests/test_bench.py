@@ -23,7 +23,7 @@ def test_bench_prints_a_row_per_mode_and_batch_and_writes_json(tiny_ckpt, tmp_pa
 
 
 def test_trimode_bench_runs_the_offline_bench(capsys):
-    from server.cli import main as cli_main
+    from trimode_cli import main as cli_main
 
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", "--help"])

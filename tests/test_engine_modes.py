@@ -270,9 +270,9 @@ def test_prompt_logprobs_equal_full_recompute_across_prefill_chunks(tiny_ckpt, m
 def test_disallowed_block_length_and_steps_past_default_block(tiny_llm):
     eng = tiny_llm.engine
     with pytest.raises(ValueError, match="block_length"):
-        eng.resolve_params(SamplingParams(mode="diffusion", block_length=7))
+        eng.policy.resolve_params(SamplingParams(mode="diffusion", block_length=7))
     with pytest.raises(ValueError, match="steps"):
-        eng.resolve_params(SamplingParams(mode="diffusion", steps=9))
+        eng.policy.resolve_params(SamplingParams(mode="diffusion", steps=9))
 
 
 def test_context_overflow_is_rejected_with_the_numbers(tiny_llm):

@@ -27,6 +27,7 @@ from loadtest.prometheus import parse_metrics
 
 MODEL = "fake-model"
 TOKENS_PER_CHUNK = {"ar": 1, "diffusion": 4, "self_spec": 2, "broken": 1}
+SENT = ("ar", "diffusion", "self_spec")  # the modes test_mixed_modes_json sends (auto's chunks depend on its choices)
 
 
 class FakeState:
@@ -178,7 +179,7 @@ def test_mixed_modes_json(server_state: tuple[str, FakeState], tmp_path: Any) ->
     out_file = tmp_path / "result.json"
     cfg = BenchmarkConfig(
         base_url=url, num_prompts=6, input_len=20, output_len=8, max_concurrency=4, seed=3,
-        mode_mix="ar=1,diffusion=1,self_spec=1", block_length=4, threshold=0.9, no_progress=True,
+        mode_mix=",".join(f"{m}=1" for m in SENT), block_length=4, threshold=0.9, no_progress=True,
         save_result=str(out_file), api_key="secret",
     )  # fmt: skip
     returned = asyncio.run(run_benchmark(cfg))
@@ -205,7 +206,7 @@ def test_mixed_modes_json(server_state: tuple[str, FakeState], tmp_path: Any) ->
     assert result["mean_tokens_per_chunk"] == pytest.approx(48 / 28)
     assert sorted(len(g) for g in result["itls"]) == [1, 1, 3, 3, 7, 7]
     per_mode = result["per_mode"]
-    assert set(per_mode) == {"ar", "diffusion", "self_spec"}
+    assert set(per_mode) == set(SENT)
     assert all(
         m["completed"] == 2 and m["mean_ttft_ms"] > 0 and m["mean_tpot_ms"] > 0 for m in per_mode.values()
     )

@@ -18,6 +18,7 @@ import torch
 
 import engine.decoding.spec as spec_module
 from engine.decoding.auto import AR, SPEC
+from engine.decoding.modes import MODES
 from engine.llm import LLM
 from engine.sampling import probabilities
 from engine.sequence import SamplingParams
@@ -190,7 +191,7 @@ def test_seeded_sampling_is_independent_of_the_batch(small_vocab_ckpt, mode):
     target = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=77, mode=mode, ignore_eos=True)
     alone = llm.generate([PROMPT], target)[0].token_ids
     others = [SamplingParams(max_tokens=30, temperature=t, seed=s, mode=m, ignore_eos=True)
-              for m, t, s in zip(["ar", "diffusion", "self_spec", "auto"] * 4, [0.0, 0.8, 1.0, 0.6] * 4,
+              for m, t, s in zip(list(MODES) * 4, [0.0, 0.8, 1.0, 0.6] * 4,
                                  [None, 3, None, 5] * 4)][:15]
     prompts = [[5 + i % 9, 6, 7 + i % 3] for i in range(15)]
     together = llm.generate(prompts[:7] + [PROMPT] + prompts[7:], others[:7] + [target] + others[7:])

@@ -16,6 +16,7 @@ class AR(Decoder):
     def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
         return ForwardRequest(_KEY, [seq.token_ids[-1]])
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+    def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                            ctx: DecoderContext) -> Outcome:
         return emit_tokens(sample(logits[-1:], seq.params, seq.generator, ctx.mask_id), logits[-1:], seq, ctx,
                            num_kv_kept=1)

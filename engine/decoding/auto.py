@@ -480,7 +480,8 @@ class AutoDecoder(Decoder):
             st.round = _SPEC.begin(seq, ctx, st.choice[1], keyed=keyed(seq.params))
         return _SPEC.request(st.round, ctx)
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+    def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                            ctx: DecoderContext) -> Outcome:
         st: AutoState = seq.state
         if req.forward == Forward.AR_DECODE:
             rows = logits[-1:]

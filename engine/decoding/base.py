@@ -2,9 +2,9 @@
 (`DecoderContext`), and what it answers (`Outcome`).
 
 A decoder asks, round by round, for the next forward a sequence needs (`next_forward`) and turns that forward's
-logit rows into final tokens (`consume`). It keeps its per-sequence state in `seq.state` and never touches the
-KV cache or `token_ids` itself: only the returned `Outcome` changes the sequence (tokens emitted, K/V kept), and
-the engine applies it the same way for every mode. Prefill is common to all modes and lives in the engine.
+logit rows into final tokens (`outcome_from_logits`). It keeps its per-sequence state in `seq.state` and never
+touches the KV cache or `token_ids` itself: only the returned `Outcome` changes the sequence (tokens emitted, K/V
+kept), and the engine applies it the same way for every mode. Prefill is common to all modes and lives in the engine.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class Decoder(ABC):
         """The forward `seq` needs next (called only after prefill)."""
 
     @abstractmethod
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+    def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                            ctx: DecoderContext) -> Outcome:
         """Logit rows of `req` (all rows, or the last one) -> what becomes final."""
 
     def reset_for_recompute(self, seq: Sequence) -> bool:

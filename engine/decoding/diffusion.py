@@ -53,7 +53,8 @@ class BlockDiffusion(Decoder):
         key = BatchKey(Forward.DENOISE, draft_lora=ctx.diffusion_lora, block_length=p.block_length, steps=p.steps)
         return ForwardRequest(key, list(st.block), all_logits=True)
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+    def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                            ctx: DecoderContext) -> Outcome:
         st: DiffusionState = seq.state
         if req.forward == Forward.COMMIT:
             seq.state = None

@@ -103,7 +103,8 @@ class SelfSpec(Decoder):
             seq.state = self.begin(seq, ctx, seq.params.block_length)
         return self.request(seq.state, ctx)
 
-    def consume(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext) -> Outcome:
+    def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
+                            ctx: DecoderContext) -> Outcome:
         done = self.advance(seq.state, seq, req, logits, ctx)
         if done is None:
             return Outcome([])

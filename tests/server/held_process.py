@@ -14,8 +14,8 @@ import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from engine.events import Event, Outputs, Snapshot
 from engine.sequence import StepStats
-from server.engine_core import Snapshot
 
 PAGE = 4096
 BOUND = 60.0  # seconds a held reader waits for release at most (a test that failed must not hang the engine)
@@ -23,7 +23,7 @@ BOUND = 60.0  # seconds a held reader waits for release at most (a test that fai
 
 def min_event_bytes() -> int:
     """The smallest event a step sends (one that emitted nothing), with the Connection's 4-byte length header."""
-    return len(bytes(ForkingPickler.dumps(("outputs", [], StepStats(), 0.0, Snapshot())))) + 4
+    return len(bytes(ForkingPickler.dumps(Outputs([], StepStats(), 0.0, Snapshot())))) + 4
 
 
 class EventHold:
@@ -47,9 +47,9 @@ class EventHold:
         self._release.set()
 
     def _start_held(self, emit: Any) -> None:
-        def held_emit(name: str, *args: Any) -> None:
-            emit(name, *args)
-            if self._armed and name == "outputs" and any(o.new_token_ids for o in args[0]):
+        def held_emit(event: Event) -> None:
+            emit(event)
+            if self._armed and isinstance(event, Outputs) and any(o.new_token_ids for o in event.outputs):
                 self._armed = False
                 self.held.set()
                 self._release.wait(BOUND)

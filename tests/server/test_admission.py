@@ -7,6 +7,7 @@ finish while the test looks, and with sizes that are over or under the bounds by
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -77,7 +78,7 @@ def test_the_prices_bound_what_the_engine_really_holds_and_runs(ckpt: Path, mode
     engine = make_engine(ckpt, num_kv_tokens=POOL_TOKENS)
     policy = engine.policy
     # 8 + 60 tokens: 68 positions for ar (5 pages of 16); diffusion blocks of 8 reach 8 + 64 = 72, still 5 pages
-    params = engine.resolve_params(SamplingParams(max_tokens=60, mode=mode, ignore_eos=True, temperature=0, **knobs))
+    params = policy.resolve_params(SamplingParams(max_tokens=60, mode=mode, ignore_eos=True, temperature=0, **knobs))
     peak, forwards = _run_alone(engine, params)
     assert peak <= policy.kv_pages(len(PROMPT), params)
     assert forwards <= policy.max_decode_forwards(params)
@@ -91,8 +92,8 @@ def test_diffusion_reaches_its_forward_price_exactly(ckpt: Path) -> None:
     """steps = block_length, no threshold: each denoise step commits one of a block's L - 1 masks; (max_tokens - 1)
     % L == 0 makes the last block need its commit too, so the engine runs the worst case the policy prices."""
     engine = make_engine(ckpt, num_kv_tokens=POOL_TOKENS)
-    params = engine.resolve_params(SamplingParams(max_tokens=17, mode="diffusion", block_length=8, steps=8,
-                                                  threshold=1.0, ignore_eos=True))
+    params = engine.policy.resolve_params(SamplingParams(max_tokens=17, mode="diffusion", block_length=8, steps=8,
+                                                         threshold=1.0, ignore_eos=True))
     _, forwards = _run_alone(engine, params)
     assert forwards == engine.policy.max_decode_forwards(params) == 2 * (7 + 1)
 
@@ -211,3 +212,36 @@ def test_a_smaller_forward_cap_names_steps_or_max_tokens(ckpt: Path) -> None:
         assert _post(url, max_tokens=51, mode="ar").status_code == 200  # 50 forwards: at the cap
     with pytest.raises(ValueError, match="max_forwards_per_request"):
         EngineConfig(max_forwards_per_request=0)
+
+
+@pytest.mark.parametrize("mode,knobs", [("ar", {}), ("diffusion", {"block_length": 8, "steps": 3}),
+                                        ("self_spec", {"block_length": 8}),
+                                        ("self_spec", {"block_length": 16, "threshold": 0.9}),
+                                        ("auto", {"block_length": 4, "threshold": 0.5})])
+def test_the_largest_max_tokens_is_the_last_one_each_bound_admits(engine, mode: str, knobs: dict) -> None:
+    """The closed forms against the prices they invert: m passes the forward cap and the context, m + 1 does not
+    pass one of them (every cap, so that either bound can be the one that binds)."""
+    base = engine.policy
+    for cap in (1, 2, 3, 7, 50, 97, 1024, 5000):
+        policy = dataclasses.replace(base, max_forwards=cap)
+        for prompt in (8, 300, 505):
+            params = policy.resolve_params(SamplingParams(mode=mode, **knobs))
+            m = policy.largest_max_tokens(prompt, params)
+            if m < 1:
+                continue
+            policy.check_request([5] * prompt, dataclasses.replace(params, max_tokens=m))
+            with pytest.raises(ValueError):
+                policy.check_request([5] * prompt, dataclasses.replace(params, max_tokens=m + 1))
+
+
+def test_a_request_without_max_tokens_runs_the_most_the_forward_cap_allows(ckpt: Path) -> None:
+    """The context leaves room for ~500 tokens; the cap of 50 decode forwards allows 51 ar tokens (the prefill
+    gives the first) and 49 diffusion ones (6 blocks of 8, 7 steps + a commit each = 48 forwards, then the seed).
+    Filled to the context, the request would be refused by the cap; filled by a guess, it would end early."""
+    engine = make_engine(ckpt, num_kv_tokens=POOL_TOKENS, max_forwards_per_request=50)
+    with serve(engine) as url:
+        for knobs, tokens in (({"mode": "ar"}, 51), ({"mode": "diffusion", "block_length": 8, "steps": 8}, 49)):
+            r = _post(url, max_tokens=None, **knobs)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == tokens and \
+                r.json()["choices"][0]["finish_reason"] == "length", r.text

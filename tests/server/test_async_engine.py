@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 
 import pytest
@@ -28,14 +27,7 @@ class FakeEngine:
         self.last_stats = StepStats()
         self.thread_ids: set[int] = set()
 
-    def resolve_params(self, params: SamplingParams) -> SamplingParams:
-        return dataclasses.replace(params, mode=params.mode or "ar", block_length=4, steps=4)
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError("This model's maximum context length is 64 tokens.")
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         self.running[request_id] = [len(prompt_token_ids), params, 0]
 
@@ -77,12 +69,12 @@ class FakeEngine:
 
 def run(coro_fn, engine: FakeEngine, **kw):
     async def main():
-        aeng = AsyncEngine(engine, **kw)
-        aeng.start()
+        async_engine = AsyncEngine(engine, **kw)
+        async_engine.start()
         try:
-            return await coro_fn(aeng)
+            return await coro_fn(async_engine)
         finally:
-            aeng.stop()
+            async_engine.stop()
     return asyncio.run(main())
 
 
@@ -101,18 +93,18 @@ def test_outputs_come_back_once_per_step_on_the_engine_thread() -> None:
     engine = FakeEngine()
     hops: list[int] = []
 
-    async def body(aeng: AsyncEngine) -> list[RequestOutput]:
-        original = aeng._dispatch
+    async def body(async_engine: AsyncEngine) -> list[RequestOutput]:
+        original = async_engine._dispatch
 
-        def counting(outputs, stats, step_time, snapshot):
-            if stats is not None:
-                hops.append(len(outputs))
-            original(outputs, stats, step_time, snapshot)
+        def counting(event):
+            if event.stats is not None:
+                hops.append(len(event.outputs))
+            original(event)
 
-        aeng._dispatch = counting
-        gen = aeng.generate("r", [([1, 2], SamplingParams(max_tokens=5))] * 3)
+        async_engine._dispatch = counting
+        gen = async_engine.generate("r", [([1, 2], SamplingParams(max_tokens=5))] * 3)
         outs = await drain(gen)
-        await aeng.probe(5)
+        await async_engine.probe(5)
         return outs
 
     outs = run(body, engine)
@@ -126,19 +118,19 @@ def test_outputs_come_back_once_per_step_on_the_engine_thread() -> None:
 def test_admission_is_all_or_nothing_and_released_on_finish_or_close() -> None:
     engine = FakeEngine()
 
-    async def body(aeng: AsyncEngine) -> None:
-        a = aeng.generate("a", [([1], SamplingParams(max_tokens=3))] * 2)
+    async def body(async_engine: AsyncEngine) -> None:
+        a = async_engine.generate("a", [([1], SamplingParams(max_tokens=3))] * 2)
         with pytest.raises(Overloaded) as info:
-            aeng.generate("b", [([1], SamplingParams(max_tokens=3))])
+            async_engine.generate("b", [([1], SamplingParams(max_tokens=3))])
         assert info.value.reason == "queue_full"
         await drain(a)
-        b = aeng.generate("b", [([1], SamplingParams(max_tokens=50))])
+        b = async_engine.generate("b", [([1], SamplingParams(max_tokens=50))])
         with pytest.raises(Overloaded) as info:
-            aeng.generate("c", [([1], SamplingParams(max_tokens=50))])
+            async_engine.generate("c", [([1], SamplingParams(max_tokens=50))])
         assert info.value.reason == "queue_tokens"
         b.close()
-        assert aeng.num_inflight == 0
-        aeng.generate("c", [([1], SamplingParams(max_tokens=50))]).close()
+        assert async_engine.num_inflight == 0
+        async_engine.generate("c", [([1], SamplingParams(max_tokens=50))]).close()
         await asyncio.sleep(0.05)
 
     run(body, engine, max_queued_requests=2, max_queued_tokens=60)
@@ -148,8 +140,8 @@ def test_admission_is_all_or_nothing_and_released_on_finish_or_close() -> None:
 def test_a_deadline_ends_open_choices_with_abort() -> None:
     engine = FakeEngine(stall=True)
 
-    async def body(aeng: AsyncEngine) -> list[RequestOutput]:
-        return await drain(aeng.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05))
+    async def body(async_engine: AsyncEngine) -> list[RequestOutput]:
+        return await drain(async_engine.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05))
 
     outs = run(body, engine)
     assert [o.finish_reason for o in outs] == ["abort", "abort"]
@@ -162,15 +154,15 @@ def test_a_dead_engine_fails_open_requests_and_refuses_new_ones() -> None:
     def boom() -> list:
         raise RuntimeError("dead")
 
-    async def body(aeng: AsyncEngine) -> None:
+    async def body(async_engine: AsyncEngine) -> None:
         engine.step = boom
-        gen = aeng.generate("x", [([1], SamplingParams(max_tokens=3))])
+        gen = async_engine.generate("x", [([1], SamplingParams(max_tokens=3))])
         with pytest.raises(EngineDeadError):
             await gen.next()
-        assert aeng.dead is not None and aeng.num_inflight == 0
+        assert async_engine.dead is not None and async_engine.num_inflight == 0
         with pytest.raises(EngineDeadError):
-            aeng.generate("y", [([1], SamplingParams(max_tokens=3))])
+            async_engine.generate("y", [([1], SamplingParams(max_tokens=3))])
         with pytest.raises(EngineDeadError):
-            await aeng.probe(1)
+            await async_engine.probe(1)
 
     run(body, engine)

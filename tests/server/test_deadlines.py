@@ -24,11 +24,14 @@ from typing import Any
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.commands import Add
+from engine.events import Expired, Outputs
+from engine.loop import Deadlines
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server.app import create_app
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig
-from server.engine_core import Add, Deadlines, ThreadCore
+from server.transport import ThreadTransport
 from tests.server.conftest import make_engine
 from tests.server.gate import StepGate
 from tests.server.helpers import metric
@@ -38,7 +41,7 @@ BOUND = 30.0  # seconds: a "does not hang" bound, far above any deadline under t
 NEVER_READ = {"prompt": "Never read", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
-# ---- the engine loop, over a ThreadCore and fake engines --------------------------------------------------------
+# ---- the engine loop, over a ThreadTransport and fake engines --------------------------------------------------------
 class FakeEngine:
     """Steps emit one token per running request until max_tokens. `parked` requests are held but not runnable:
     the engine reports no work, so the loop blocks on its commands (as an idle engine does)."""
@@ -60,7 +63,7 @@ class FakeEngine:
     def num_running(self) -> int:
         return len(self.requests)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         self.requests[request_id] = [params.max_tokens, 0]
 
@@ -88,23 +91,23 @@ class FakeEngine:
 
 
 @contextmanager
-def loop_over(engine: FakeEngine) -> Iterator[tuple[ThreadCore, queue.SimpleQueue]]:
-    """run_engine_loop in a ThreadCore over `engine`; yields the core and the queue of (time, event) it emits."""
+def loop_over(engine: FakeEngine) -> Iterator[tuple[ThreadTransport, queue.SimpleQueue]]:
+    """run_engine_loop in a ThreadTransport over `engine`; yields it and the queue of (time, event) it emits."""
     events: queue.SimpleQueue = queue.SimpleQueue()
-    core = ThreadCore(engine)
-    core.start(lambda *event: events.put((time.monotonic(), event)))
+    core = ThreadTransport(engine)
+    core.start(lambda event: events.put((time.monotonic(), event)))
     try:
         yield core, events
     finally:
         core.stop(BOUND)
 
 
-def next_event(events: queue.SimpleQueue, name: str) -> tuple[float, tuple]:
-    """The next event called `name` (skipping others) and when it came; fails after BOUND seconds."""
+def next_event(events: queue.SimpleQueue, kind: type) -> tuple[float, Any]:
+    """The next event of type `kind` (skipping others) and when it came; fails after BOUND seconds."""
     stop = time.monotonic() + BOUND
     while True:
         at, event = events.get(timeout=max(0.0, stop - time.monotonic()))
-        if event[0] == name:
+        if isinstance(event, kind):
             return at, event
 
 
@@ -113,10 +116,10 @@ def test_an_idle_blocked_loop_wakes_up_to_expire_a_request_at_its_deadline() -> 
     with loop_over(engine) as (core, events):
         deadline = time.monotonic() + 0.2
         core.send(Add("parked-0", [1], SamplingParams(max_tokens=5), time.monotonic(), deadline))
-        at, (_, request_ids, snapshot) = next_event(events, "expired")
-        assert request_ids == ["parked-0"] and engine.aborted == ["parked-0"]
+        at, expired = next_event(events, Expired)
+        assert expired.request_ids == ["parked-0"] and engine.aborted == ["parked-0"]
         assert at >= deadline  # never early
-        assert engine.steps == 0 and snapshot.num_running == 0
+        assert engine.steps == 0 and expired.snapshot.num_running == 0
 
 
 class Clock:
@@ -131,25 +134,25 @@ class Clock:
 
 def test_due_requests_are_aborted_before_the_next_step_and_finished_ones_never_expire(monkeypatch) -> None:
     clock = Clock()
-    monkeypatch.setattr("server.engine_core.time", clock)
+    monkeypatch.setattr("engine.loop.time", clock)
     engine = FakeEngine()
     with loop_over(engine) as (core, events):
         core.send(Add("late-0", [1], SamplingParams(max_tokens=50), clock.now, clock.now - 1))  # due on arrival
-        _, (_, request_ids, _) = next_event(events, "expired")
-        assert request_ids == ["late-0"] and engine.steps == 0  # aborted before any step ran it
+        _, expired = next_event(events, Expired)
+        assert expired.request_ids == ["late-0"] and engine.steps == 0  # aborted before any step ran it
 
         core.send(Add("quick-0", [1], SamplingParams(max_tokens=2), clock.now, clock.now + 10))
         outs: list[RequestOutput] = []
         while not outs or outs[-1].finish_reason is None:
-            outs += next_event(events, "outputs")[1][1]
+            outs += next_event(events, Outputs)[1].outputs
         assert [o.finish_reason for o in outs] == [None, "length"]
         clock.now += 20  # quick-0's deadline passes after it finished
         core.send(Add("after-0", [1], SamplingParams(max_tokens=1), clock.now))
         # the loop expires due requests before every step: a deadline kept for quick-0 would expire before this one
         while True:
             _, event = events.get(timeout=BOUND)
-            assert event[0] != "expired", event
-            if event[0] == "outputs" and any(o.request_id == "after-0" for o in event[1]):
+            assert not isinstance(event, Expired), event
+            if isinstance(event, Outputs) and any(o.request_id == "after-0" for o in event.outputs):
                 break
     assert engine.aborted == ["late-0"]
 
@@ -184,14 +187,14 @@ class StuckEngine(FakeEngine):
 
 def run_async(engine: FakeEngine, body: Any) -> Any:
     async def main() -> Any:
-        aeng = AsyncEngine(engine)
-        aeng.start()
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
         try:
-            return await body(aeng)
+            return await body(async_engine)
         finally:
             if isinstance(engine, StuckEngine):
                 engine.release.set()
-            aeng.stop(BOUND)
+            async_engine.stop(BOUND)
     return asyncio.run(main())
 
 
@@ -217,10 +220,10 @@ def test_the_engine_ends_a_request_at_its_deadline_without_the_async_backstop(mo
     monkeypatch.setattr("server.async_engine.DEADLINE_BACKSTOP_S", 3600.0)  # only the engine can end it here
     engine = Unfinishable()
 
-    async def body(aeng: AsyncEngine) -> list[RequestOutput]:
-        gen = aeng.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05)
+    async def body(async_engine: AsyncEngine) -> list[RequestOutput]:
+        gen = async_engine.generate("d", [([1], SamplingParams(max_tokens=3))] * 2, timeout=0.05)
         outs = await asyncio.wait_for(drain(gen), BOUND)
-        assert aeng.num_inflight == 0
+        assert async_engine.num_inflight == 0
         return outs
 
     outs = run_async(engine, body)
@@ -232,9 +235,9 @@ def test_the_async_backstop_ends_a_request_when_the_engine_is_stuck(monkeypatch)
     monkeypatch.setattr("server.async_engine.DEADLINE_BACKSTOP_S", 0.1)
     engine = StuckEngine()
 
-    async def body(aeng: AsyncEngine) -> tuple[list[RequestOutput], float]:
+    async def body(async_engine: AsyncEngine) -> tuple[list[RequestOutput], float]:
         t0 = time.monotonic()
-        gen = aeng.generate("s", [([1], SamplingParams(max_tokens=3))], timeout=0.05)
+        gen = async_engine.generate("s", [([1], SamplingParams(max_tokens=3))], timeout=0.05)
         outs = await asyncio.wait_for(drain(gen), BOUND)
         return outs, time.monotonic() - t0
 

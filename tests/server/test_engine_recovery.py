@@ -110,7 +110,7 @@ def test_a_dead_engine_zeroes_the_gauges_and_a_thread_engine_stays_dead(ckpt: Pa
         assert metric(url, "trimode:kv_cache_usage_perc") == 0
         # an in-process engine cannot be respawned: it is lost at once, and without the CLI's exit hook it stays
         # dead, answering 503
-        assert app.state.aeng.engine_lost and app.state.aeng.restarting is None
+        assert app.state.async_engine.engine_lost and app.state.async_engine.restarting is None
         assert client.get(f"{url}/health").json()["error"]["message"] == "The engine is dead."
         assert metric(url, "trimode:engine_restarts_total") == 0
 
@@ -199,16 +199,16 @@ def counted_probes(engine) -> Iterator[list[int]]:
 
 def test_concurrent_readiness_checks_share_one_probe_forward(engine) -> None:
     async def main() -> int:
-        aeng = AsyncEngine(engine, ready_cache_seconds=0)  # no cache: only the sharing saves forwards
-        aeng.start()
+        async_engine = AsyncEngine(engine, ready_cache_seconds=0)  # no cache: only the sharing saves forwards
+        async_engine.start()
         try:
             with counted_probes(engine) as calls:
-                await asyncio.gather(*(aeng.probe(30) for _ in range(20)))
+                await asyncio.gather(*(async_engine.probe(30) for _ in range(20)))
                 first = len(calls)
-                await aeng.probe(30)  # a later call, after the shared one ended, probes again
+                await async_engine.probe(30)  # a later call, after the shared one ended, probes again
                 return first * 100 + len(calls)
         finally:
-            aeng.stop()
+            async_engine.stop()
 
     assert asyncio.run(main()) == 1 * 100 + 2
 
