@@ -109,9 +109,9 @@ class BlockManager:
         hold uncommitted positions, so they are private and never registered."""
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > keep:
-            block = seq.block_table.pop()
+            block = seq.block_table[-1]
             assert self._ref[block] == 1 and self._hash[block] is None, f"crop of shared or cached block {block}"
-            self._release(block)
+            self._release(seq.block_table.pop())
         seq.num_hashed_blocks = min(seq.num_hashed_blocks, len(seq.block_table))
 
     def free(self, seq: Sequence) -> None:
@@ -143,7 +143,7 @@ class BlockManager:
             i = len(hashes)
             hashes.append(block_hash(hashes[-1] if hashes else None, seq.token_ids[i * bs:(i + 1) * bs],
                                      seq.params.cache_salt, KV_ADAPTER))
-        return hashes
+        return hashes[:num_blocks]
 
     def match(self, seq: Sequence, limit: int) -> list[int]:
         """The cached blocks holding `seq`'s longest cached prefix within its first `limit` tokens."""
