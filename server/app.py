@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineDeadError
 from server.config import ServerConfig
 from server.metrics import CONTENT_TYPE
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
@@ -165,6 +165,15 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """As vLLM: forget the engine's cached KV blocks; requests sent after the 200 never reuse them."""
+        try:
+            aeng.reset_prefix_cache()
+        except EngineDeadError:
+            raise APIError(503, "The engine is dead; there is no prefix cache to reset.") from None
+        return Response(status_code=200)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server import admission
-from server.engine_core import Abort, Add, Core, Probe, Snapshot, ThreadCore
+from server.engine_core import Abort, Add, Core, Probe, ResetPrefixCache, Snapshot, ThreadCore
 from server.liveness import EngineWatch
 from server.metrics import ServerMetrics
 
@@ -325,6 +325,13 @@ class AsyncEngine:
         finally:
             self._probes.pop(probe_id, None)
 
+    def reset_prefix_cache(self) -> None:
+        """Have the engine forget its cached KV blocks before it serves any request sent after this call (the
+        command queue is FIFO); raises EngineDeadError when there is no engine to reset."""
+        if self.dead is not None:
+            raise EngineDeadError("the engine is dead")
+        self._send(ResetPrefixCache())
+
     def abort_all(self) -> None:
         """End every in-flight request with finish_reason "abort" (drain deadline)."""
         for gen in list(self._generations):
@@ -343,7 +350,7 @@ class AsyncEngine:
                 await asyncio.sleep(0.05)
 
     # ---- event-loop side ------------------------------------------------------------------------------------
-    def _send(self, cmd: Add | Abort | Probe) -> None:
+    def _send(self, cmd: Add | Abort | Probe | ResetPrefixCache) -> None:
         self.core.send(cmd)
 
     def _finish_track(self, gen: Generation, track: SeqTrack, reason: str) -> None:

@@ -11,6 +11,8 @@ runs one `Engine.step()` and emits one event per step. Events are plain picklabl
 - `("expired", request_ids, snapshot)` when requests reached their deadline (`Add.deadline`): they are aborted
   in the engine (KV freed) before the next step, whether or not anyone is reading their outputs;
 - `("probe", probe_id, error_or_None)` after a readiness probe forward;
+- nothing for `ResetPrefixCache`: it is applied in order with the other commands, so a request sent after it
+  never reads a block cached before it;
 - `("dead", reason)` when anything else escapes: the loop ends.
 
 Two transports implement `Core`: `ThreadCore` (the Engine in a thread of the server process) and
@@ -62,7 +64,12 @@ class Stop:
     pass
 
 
-Command = Add | Abort | Probe | Stop
+@dataclass(slots=True)
+class ResetPrefixCache:
+    """Forget every cached KV block (POST /reset_prefix_cache)."""
+
+
+Command = Add | Abort | Probe | Stop | ResetPrefixCache
 Emit = Callable[..., None]  # emit(event_name, *args)
 # get(block, timeout): the next command; None when none came (not blocking, or blocking for `timeout` seconds;
 # timeout None blocks until one comes)
@@ -140,6 +147,8 @@ def _apply(engine: Any, cmd: Command, emit: Emit, deadlines: Deadlines) -> bool:
             emit("probe", cmd.probe_id, None)
         except Exception as exc:  # a broken forward fails readiness, not the engine
             emit("probe", cmd.probe_id, f"{type(exc).__name__}: {exc}")
+    elif isinstance(cmd, ResetPrefixCache):
+        engine.reset_prefix_cache()
     elif isinstance(cmd, Stop):
         return False
     return True

@@ -30,7 +30,7 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
 
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "mode", "steps",
-                "block_length", "threshold", "prompt", "logprobs")
+                "block_length", "threshold", "prompt", "logprobs", "cache_salt")
 CONTEXT_ERROR = "This model's maximum context length"
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
@@ -149,10 +149,13 @@ class ChoiceState:
     prompt_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
+    num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache for this choice
+
 
     def consume(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)  # an abort's output says 0
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(zip(out.new_token_ids, out.logprobs))
         if out.prompt_logprobs is not None:
@@ -221,7 +224,7 @@ class Serving:
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, cache_salt=req.cache_salt)
             return self.aeng.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
@@ -378,7 +381,7 @@ class Serving:
             continuous = include_usage and bool(opts and opts.continuous_usage_stats)  # vLLM: usage in every chunk
             chat = obj == "chat.completion"
             return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, continuous,
-                                            num_prompt_tokens), self.config.write_timeout, gen.close)
+                                            num_prompt_tokens, req.n), self.config.write_timeout, gen.close)
         try:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
@@ -392,7 +395,7 @@ class Serving:
         completion_tokens = sum(s.num_output_tokens for s in states)
         tok = self.aeng.tokenizer
         body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
-                    usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
+                    usage=_usage(num_prompt_tokens, completion_tokens, _cached_tokens(states, req.n)), mode=mode)
         return Response(_dumps(body), media_type="application/json")
 
     async def _first(self, gen: Generation) -> tuple[int, RequestOutput]:
@@ -410,13 +413,14 @@ class Serving:
 
     async def _stream(self, gen: Generation, first: tuple[int, RequestOutput], states: list[ChoiceState],
                       head: dict[str, Any], mode: str, chat: bool, include_usage: bool, continuous: bool,
-                      num_prompt_tokens: int) -> AsyncIterator[bytes]:
+                      num_prompt_tokens: int, n: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
         tok = self.aeng.tokenizer
 
-        def usage() -> dict[str, dict[str, int]]:
-            return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
+        def usage() -> dict[str, dict[str, Any]]:
+            return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states),
+                                    _cached_tokens(states, n))}
 
         try:
             if chat:
@@ -459,9 +463,16 @@ def _seeded(params: SamplingParams, j: int) -> SamplingParams:
     return params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _cached_tokens(states: list[ChoiceState], n: int) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once as in `prompt_tokens`: its first
+    choice's (what the cache held when the request came; its other choices share the first one's blocks)."""
+    return sum(s.num_cached_tokens for s in states[::n])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _logprobs(s: ChoiceState, chat: bool, tok: Any, start: int) -> dict[str, Any] | None:
