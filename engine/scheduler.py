@@ -15,7 +15,8 @@ slots (so a new sequence never takes the room of a running one, and none is admi
 An admitted sequence first takes the cached blocks of its longest cached prefix (`BlockManager.match`: whole
 blocks, and never the prompt's last token, whose logits the prefill must produce), so its prefill starts after
 them; a request asking for `prompt_logprobs` bypasses the lookup (every prompt row's logits are needed) but still
-fills the cache. Its first prefill chunk then rides this step's forward with the room left in the token budget.
+fills the cache. Its first prefill chunk then rides this step's forward with the room left in the token budget
+(no room, no admission).
 The full blocks a prefill chunk writes are registered in the cache as soon as the chunk is scheduled, so a request
 admitted later in the same step (the other choices of an `n` > 1 request) already shares them: in the forward,
 every layer writes all query tokens' K/V before any attention reads it. Before a forward every member gets slots
@@ -89,12 +90,14 @@ class Scheduler:
         return self.blocks.match(seq, seq.prefill_target - 1)
 
     def _admit(self, budget: int) -> list[tuple[Sequence, ForwardRequest]]:
-        """Admit waiting sequences FCFS while `max_num_seqs` and the free blocks allow (for the first chunk past the
-        cached prefix); each starts on its cached blocks, and while `budget` lasts its first chunk joins the
-        forward (registered in the cache at once). Admission never preempts."""
+        """Admit waiting sequences FCFS while the token `budget` left, `max_num_seqs` and the free blocks allow (for
+        the first chunk past the cached prefix); each starts on its cached blocks and its first chunk joins this
+        forward (registered in the cache at once). Admission never preempts. A sequence is admitted only into a
+        forward (as vLLM schedules waiting requests only with the budget left): the cached blocks it takes may be
+        written by this very forward, and if that forward fails, every sequence reading them fails with it."""
         chosen: list[tuple[Sequence, ForwardRequest]] = []
         bs = self.blocks.block_size
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             looked = self._cached_prefix(seq)
             hit = looked or []
@@ -114,16 +117,15 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.last_scheduled = self._step - 1  # as old as the rows that ran last step: they go first
             self.running.append(seq)
-            if budget > 0:
-                req = self._next_forward(seq)
-                if len(req.token_ids) > budget:
-                    req = replace(req, token_ids=req.token_ids[:budget])
-                end = start + len(req.token_ids)
-                self.blocks.allocate(seq, end)  # fits: `need` covered up to first_end >= end
-                self.blocks.check_writable(seq, start, end)
-                self.blocks.cache_blocks(seq, end, pending=True)
-                chosen.append((seq, req))
-                budget -= len(req.token_ids)
+            req = self._next_forward(seq)
+            if len(req.token_ids) > budget:
+                req = replace(req, token_ids=req.token_ids[:budget])
+            end = start + len(req.token_ids)
+            self.blocks.allocate(seq, end)  # fits: `need` covered up to first_end >= end
+            self.blocks.check_writable(seq, start, end)
+            self.blocks.cache_blocks(seq, end, pending=True)
+            chosen.append((seq, req))
+            budget -= len(req.token_ids)
         return chosen
 
     def _next_forward(self, seq: Sequence) -> ForwardRequest:
