@@ -151,7 +151,6 @@ class ChoiceState:
     text_offset: int = 0  # completions logprobs: characters before the next token's text
     num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache for this choice
 
-
     def consume(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
