@@ -1,5 +1,5 @@
-"""The engine loop's commands, server -> engine: `Add`, `Abort`, `Probe`, `Stop` (the events coming back are in
-`engine.events`).
+"""The engine loop's commands, server -> engine: `Add`, `Abort`, `Probe`, `ResetPrefixCache`, `Stop` (the events
+coming back are in `engine.events`).
 
 Plain picklable dataclasses, torch-free: they cross a thread's queue or the engine process's pipes as they are.
 """
@@ -40,4 +40,9 @@ class Stop:
     pass
 
 
-Command = Add | Abort | Probe | Stop
+@dataclass(slots=True)
+class ResetPrefixCache:
+    """Forget every cached KV block (POST /reset_prefix_cache)."""
+
+
+Command = Add | Abort | Probe | ResetPrefixCache | Stop

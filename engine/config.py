@@ -18,6 +18,7 @@ class EngineConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     seed: int = 0  # engine-wide RNG seed for unseeded sampling
     kv_block_size: int = 16  # tokens per KV page
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier requests' prefixes (every mode)
     num_kv_tokens: int = 65536  # CPU: KV pool size in tokens
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of GPU memory for weights + KV + activations
     max_model_len: int | None = None  # context limit; None = min(max_position_embeddings, KV pool)
@@ -45,6 +46,7 @@ class EngineConfig:
             "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "kv_block_size": self.kv_block_size >= 1,
+            "enable_prefix_caching": isinstance(self.enable_prefix_caching, bool),
             "num_kv_tokens": self.num_kv_tokens >= self.kv_block_size,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 1,

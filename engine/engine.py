@@ -70,7 +70,7 @@ class Engine:
         self.mask_token_id = info.config.mask_token_id
         if self.mask_token_id is None and self.tokenizer is not None:
             self.mask_token_id = self.tokenizer.mask_token_id
-        blocks = BlockManager(self.runner.num_kv_blocks, self.runner.block_size)
+        blocks = BlockManager(self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching)
         pool_tokens = blocks.num_blocks * blocks.block_size
         limit = config.max_model_len or info.config.max_position_embeddings
         self.max_model_len = min(limit, pool_tokens)
@@ -129,18 +129,23 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward (or nothing when idle) and return what each touched request emitted."""
-        preempted_before = self.scheduler.num_preemptions
-        batch = self.scheduler.schedule()
+        sched = self.scheduler
+        preempted_before = sched.num_preemptions
+        queries_before, hits_before = sched.prefix_cache_queries, sched.prefix_cache_hits
+        batch = sched.schedule()
         stats = StepStats()
         self.last_stats = stats
+        stats.prefix_cache_queries = sched.prefix_cache_queries - queries_before
+        stats.prefix_cache_hits = sched.prefix_cache_hits - hits_before
         if batch is None:
-            stats.num_preemptions = self.scheduler.num_preemptions - preempted_before
+            stats.num_preemptions = sched.num_preemptions - preempted_before
             return []
         auto = self.decoder_ctx.auto
         try:
             started = auto.clock() if auto is not None else 0.0
             outputs = self._run_batch(batch, stats, preempted_before)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch's requests
+            sched.blocks.drop_pending()  # blocks registered for this forward may hold no K/V: never share them
             raise BatchError([s.request_id for s in batch.seqs], exc) from exc
         if auto is not None:  # auto refines its forward costs from every step's time
             auto.observe(batch.requests, auto.clock() - started, self.scheduler.running)
@@ -148,6 +153,7 @@ class Engine:
 
     def _run_batch(self, batch: Batch, stats: StepStats, preempted_before: int) -> list[RequestOutput]:
         logits = self.runner.run(batch)
+        self.scheduler.blocks.forward_ran()
         stats.num_model_forwards = 1
         stats.forward_kind, stats.batch_size, stats.num_query_tokens = batch.forward, len(batch.seqs), \
             batch.num_query_tokens
@@ -202,6 +208,8 @@ class Engine:
         stop or the length limit, and finish the request there; the RequestOutput says what changed (None when
         nothing did)."""
         if req.forward.causal:
+            # cached blocks are shared across modes because committed K/V always comes from the base weights
+            assert not req.key.draft_lora, "a causal forward with the draft LoRA would commit adapter K/V"
             self.scheduler.commit_kv(seq, outcome.num_kv_kept)
         emitted: list[int] = []
         first_output = seq.num_output_tokens == 0
@@ -216,6 +224,7 @@ class Engine:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 break
+        self.scheduler.cache_committed(seq)  # before a finish frees them: the next turn of a chat may reuse them
         if seq.finish_reason is not None:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.remove(seq)
@@ -230,7 +239,7 @@ class Engine:
         decoded = DECODERS[seq.params.mode].describe(seq) if seq.finish_reason is not None else None
         return RequestOutput(seq.request_id, emitted, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, seq.num_forwards, seq.num_decode_forwards, seq.params.mode, lps,
-                             prompt_lps, decoded)
+                             prompt_lps, decoded, seq.num_cached_tokens or 0)
 
     # ---- introspection --------------------------------------------------------------------------------------
     @property
@@ -252,6 +261,16 @@ class Engine:
     @property
     def num_total_blocks(self) -> int:
         return self.scheduler.blocks.num_blocks
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached KV block (blocks in use stay with their sequences); how many were forgotten."""
+        dropped = self.scheduler.blocks.reset()
+        log.info("prefix cache reset: %d cached blocks forgotten", dropped)
+        return dropped
+
+    def check_kv_invariants(self) -> None:
+        """AssertionError unless the KV pool's counts are exact against the live sequences (tests, debugging)."""
+        self.scheduler.blocks.check_invariants([*self.scheduler.running, *self.scheduler.waiting])
 
     def probe(self) -> None:
         """Readiness: a real one-token forward; raises if the model is broken."""

@@ -12,6 +12,8 @@ runs one `Engine.step()` and emits one event per step:
 - `Expired` when requests reached their deadline (`Add.deadline`): they are aborted in the engine (KV freed)
   before the next step, whether or not anyone is reading their outputs;
 - `ProbeDone` after a readiness probe forward;
+- nothing for `ResetPrefixCache`: it is applied in order with the other commands, so a request sent after it
+  never reads a block cached before it;
 - `Dead` when anything else escapes: the loop ends.
 """
 
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from engine.commands import Abort, Add, Command, Probe, Stop
+from engine.commands import Abort, Add, Command, Probe, ResetPrefixCache, Stop
 from engine.events import AddRefused, BatchFailed, Dead, Emit, Expired, Outputs, ProbeDone, Snapshot
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 
@@ -52,6 +54,8 @@ class LoopEngine(Protocol):
     def step(self) -> list[RequestOutput]: ...
 
     def probe(self) -> None: ...
+
+    def reset_prefix_cache(self) -> int: ...
 
 
 def _snapshot(engine: LoopEngine) -> Snapshot:
@@ -118,6 +122,8 @@ def _run_command(engine: LoopEngine, cmd: Command, emit: Emit, deadlines: Deadli
             emit(ProbeDone(cmd.probe_id, None))
         except Exception as exc:  # a broken forward fails readiness, not the engine
             emit(ProbeDone(cmd.probe_id, f"{type(exc).__name__}: {exc}"))
+    elif isinstance(cmd, ResetPrefixCache):
+        engine.reset_prefix_cache()
     elif isinstance(cmd, Stop):
         return False
     return True

@@ -36,6 +36,8 @@ class SamplingParams:
     threshold: float | None = None  # diffusion: commit confidence in (0, 1]; self_spec: None = one-shot draft
     logprobs: int | None = None  # per emitted token: its logprob and the top-N alternatives (0..20); None = off
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (0..20); None = off
+    # prefix caching: only requests with the same salt share cached KV blocks (vLLM's `cache_salt`); None = none
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -64,6 +66,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidParam(name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise InvalidParam("cache_salt", f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,12 @@ class Sequence:
     generator: Any = None  # torch.Generator for sampling (seeded per request, or from the engine's RNG)
     sample_after_prefill: bool = True  # the prefill's last logit gives the next token (False after preemption)
     prompt_lps: dict[int, Any] = field(default_factory=dict)  # prompt position -> Logprob, until the first output
+    # prefix cache (engine/kv_cache.py): hashes of the full token blocks so far (tokens only grow), how many of
+    # `block_table`'s leading blocks were registered or taken from the cache, and the prompt tokens found cached at
+    # the first admission (None before it)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -141,6 +151,7 @@ class RequestOutput:
     logprobs: list[Logprob] | None = None  # one per new token when the request asked for logprobs
     prompt_logprobs: list[Logprob | None] | None = None  # with the first output: one per prompt token (first: None)
     decoded: str | None = None  # with the finish, how an `auto` request was decoded (iterations by choice)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
 
     @property
     def finished(self) -> bool:
@@ -164,3 +175,5 @@ class StepStats:
     counters: dict[str, int] = field(default_factory=dict)  # name -> sum over the step's outcomes
     observations: dict[str, list[float]] = field(default_factory=dict)  # name -> every outcome's value, in order
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at first admission
+    prefix_cache_hits: int = 0  # of those, tokens found cached (their prefill skipped)

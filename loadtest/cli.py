@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=d.input_len, help="random prompt length in tokens")
     p.add_argument("--output-len", type=int, default=d.output_len, help="max_tokens per request")
     p.add_argument("--dataset", default=None, help='jsonl file with "prompt" and optional "output_len"')
+    p.add_argument("--prefix-len", type=int, default=d.prefix_len,
+                   help="shared-prefix workload: a random prefix of this many tokens before each --input-len "
+                   "suffix (vLLM bench's prefix repetition); 0 = none")
+    p.add_argument("--num-prefixes", type=int, default=d.num_prefixes,
+                   help="distinct prefixes, used round-robin by the requests")
+    p.add_argument("--multi-turn", type=int, default=d.multi_turn, metavar="TURNS",
+                   help="multi-turn chat: --num-prompts conversations of TURNS turns each, re-sending the whole "
+                   "conversation with a new --input-len user message every turn (needs --endpoint chat)")
     p.add_argument(
         "--mode-mix",
         default=None,

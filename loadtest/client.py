@@ -22,6 +22,7 @@ class RequestInput:
     output_len: int
     prompt_len: int | None = None  # token count when known (from /tokenize); else taken from usage
     mode: str | None = None  # requested mode; None = server default
+    messages: list[dict[str, str]] | None = None  # chat: the whole conversation (multi-turn); None = [user: prompt]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RequestOutput:
     output_tokens: int = 0
     prompt_tokens: int = 0
     usage_reported: bool = False
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
     generated_text: str = ""
 
     @property
@@ -68,7 +70,7 @@ def build_payload(cfg: BenchmarkConfig, req: RequestInput, model: str) -> dict[s
         "temperature": cfg.temperature,
     }
     if cfg.endpoint == "chat":
-        payload["messages"] = [{"role": "user", "content": req.prompt}]
+        payload["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
         payload["max_completion_tokens"] = req.output_len
     else:
         payload["prompt"] = req.prompt
@@ -179,6 +181,9 @@ async def send_request(
                     out.usage_reported = True
                     out.output_tokens = int(usage.get("completion_tokens") or 0)
                     out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                        out.cached_tokens = int(details["cached_tokens"])
                 piece = chunk_text(obj)
                 if not piece:
                     continue

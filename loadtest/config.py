@@ -22,6 +22,13 @@ class BenchmarkConfig:
     input_len: int = 128
     output_len: int = 128
     dataset: str | None = None  # jsonl with "prompt" and optional "output_len"
+    # shared prefixes (vLLM bench's prefix repetition): every prompt is one of `num_prefixes` random prefixes of
+    # `prefix_len` tokens followed by its own random `input_len`-token suffix; 0 = no prefix
+    prefix_len: int = 0
+    num_prefixes: int = 1
+    # multi-turn chat: each of `num_prompts` conversations runs this many turns, re-sending the whole
+    # conversation (its earlier replies included) with a new `input_len`-token user message; 0 = single requests
+    multi_turn: int = 0
     mode_mix: str | None = None  # e.g. "ar=1,diffusion=1,self_spec=1"; None = let the server choose
     steps: int | None = None
     block_length: int | None = None
@@ -70,6 +77,14 @@ class BenchmarkConfig:
             raise ValueError("max_concurrency must be >= 1")
         if self.input_len < 1 or self.output_len < 1:
             raise ValueError("input_len and output_len must be >= 1")
+        if self.prefix_len < 0 or self.num_prefixes < 1:
+            raise ValueError("prefix_len must be >= 0 and num_prefixes >= 1")
+        if self.multi_turn < 0:
+            raise ValueError("multi_turn must be >= 0")
+        if self.dataset and (self.prefix_len or self.multi_turn):
+            raise ValueError("dataset cannot be combined with prefix_len or multi_turn (random prompts only)")
+        if self.multi_turn and self.endpoint != "chat":
+            raise ValueError("multi_turn needs endpoint chat")
         parse_mode_mix(self.mode_mix)
         display_percentiles(self.metric_percentiles)
 

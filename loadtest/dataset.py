@@ -145,9 +145,27 @@ async def build_requests(cfg: BenchmarkConfig, tokenizer: RemoteTokenizer | None
             for i in range(cfg.num_prompts)
         )
     )
+    if cfg.prefix_len:
+        return await _with_prefixes(cfg, tokenizer, fitted, modes)
     return [
         RequestInput(index=i, prompt=text, output_len=cfg.output_len, prompt_len=count, mode=modes[i])
         for i, (text, count) in enumerate(fitted)
+    ]
+
+
+async def _with_prefixes(cfg: BenchmarkConfig, tokenizer: RemoteTokenizer | None,
+                         suffixes: list[tuple[str, int | None]], modes: list[str | None]) -> list[RequestInput]:
+    """Request i: prefix i % num_prefixes, a space, then its own suffix (words split on spaces, so the prefix
+    tokenizes the same in every prompt and a prefix cache can reuse it)."""
+    prefixes = await asyncio.gather(
+        *(fitted_prompt(random.Random(cfg.seed * 7_000_003 + 104_729 * j), cfg.prefix_len, tokenizer)
+          for j in range(cfg.num_prefixes))
+    )
+    prompts = [prefixes[i % cfg.num_prefixes][0] + " " + text for i, (text, _) in enumerate(suffixes)]
+    counts = await asyncio.gather(*(tokenizer.count(p) if tokenizer else _none() for p in prompts))
+    return [
+        RequestInput(index=i, prompt=p, output_len=cfg.output_len, prompt_len=counts[i], mode=modes[i])
+        for i, p in enumerate(prompts)
     ]
 
 

@@ -130,6 +130,9 @@ def compute_metrics(
         "max_concurrent_requests": peak_concurrency(outputs),
         "total_chunks": chunks,
         "mean_tokens_per_chunk": total_out / chunks if chunks else None,
+        # usage.prompt_tokens_details.cached_tokens summed (None when the server reports none)
+        "total_cached_tokens": sum(o.cached_tokens for o in ok if o.cached_tokens is not None)
+        if any(o.cached_tokens is not None for o in ok) else None,
     }
     result.update(summarize_ms([o.ttft for o in ok], "ttft", percentiles))
     result.update(summarize_ms(tpots, "tpot", percentiles))

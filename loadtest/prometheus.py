@@ -103,6 +103,14 @@ def tokens_per_forward(
     return table
 
 
+def prefix_cache(before: list[Sample] | None, after: list[Sample] | None, model: str | None) -> dict[str, Any]:
+    """Prompt tokens the server looked up in its prefix cache, the ones it found, and the hit rate (0..1)."""
+    queries = counter_delta(before, after, "trimode:prefix_cache_queries", model)
+    hits = counter_delta(before, after, "trimode:prefix_cache_hits", model)
+    return {"queries": queries, "hits": hits,
+            "hit_rate": hits / queries if hits is not None and queries else None}
+
+
 def spec_decode(before: list[Sample] | None, after: list[Sample] | None, model: str | None) -> dict[str, Any]:
     """Drafts, draft tokens, accepted tokens, acceptance rate (%) and length (1 + accepted / drafts)."""
     drafts = counter_delta(before, after, SPEC_DRAFTS, model)

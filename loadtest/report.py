@@ -78,6 +78,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines += _latency_section(result, "e2el", "E2EL", "End-to-end Latency", pcts)
     lines += _per_mode_section(result)
     lines += _spec_decode_section(result.get("spec_decode") or {})
+    lines += _prefix_cache_section(result)
     lines.append("=" * WIDTH)
     return "\n".join(lines)
 
@@ -107,6 +108,21 @@ def _spec_decode_section(spec: dict[str, Any]) -> list[str]:
         row("Draft tokens:", _count(spec.get("num_draft_tokens"))),
         row("Accepted tokens:", _count(spec.get("num_accepted_tokens"))),
     ]
+
+
+def _prefix_cache_section(result: dict[str, Any]) -> list[str]:
+    cache = result.get("prefix_cache") or {}
+    lines = [
+        title("Prefix Cache", "-"),
+        row("Cached prompt tokens (usage):", _count(result.get("total_cached_tokens"))),
+        row("Server lookups / hits (tokens):", f"{_fmt(cache.get('queries'))} / {_fmt(cache.get('hits'))}"),
+        row("Hit rate (%):", None if cache.get("hit_rate") is None else 100.0 * cache["hit_rate"]),
+    ]
+    for t in result.get("multi_turn") or []:
+        rate = "n/a" if t["hit_rate"] is None else f"{100.0 * t['hit_rate']:.1f}%"
+        lines.append(row(f"Turn {t['turn']} (TTFT, prompt, cached):",
+                         f"{_fmt(t['mean_ttft_ms'], ' ms')}, {_fmt(t['mean_prompt_tokens'])}, {rate}"))
+    return lines
 
 
 def save_result(result: dict[str, Any], path: str) -> None:

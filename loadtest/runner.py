@@ -17,6 +17,7 @@ from loadtest.client import RequestInput, RequestOutput, build_payload, endpoint
 from loadtest.config import BenchmarkConfig, display_percentiles, parse_mode_mix
 from loadtest.dataset import RemoteTokenizer, build_requests
 from loadtest.metrics import compute_metrics
+from loadtest.multiturn import by_turn, run_conversations, user_messages
 from loadtest.report import save_result
 
 MAX_ERRORS = 20
@@ -121,10 +122,21 @@ async def run_benchmark(config: Any) -> dict[str, Any]:
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, headers=headers) as client:
         model = cfg.model or await first_model(client, root, headers)
         tokenizer = RemoteTokenizer(client, root, enabled=cfg.tokenize)
-        requests = await build_requests(cfg, tokenizer)
+        url = root + endpoint_path(cfg.endpoint)
+        if cfg.multi_turn:
+            messages = await user_messages(cfg, tokenizer)
+            requests = []
+        else:
+            requests = await build_requests(cfg, tokenizer)
         before = await prometheus.scrape(client, root)
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        outputs, duration = await dispatch(client, cfg, requests, model, root + endpoint_path(cfg.endpoint))
+        turns: list[dict[str, Any]] | None = None
+        if cfg.multi_turn:
+            conversations, duration = await run_conversations(client, cfg, messages, model, url, headers)
+            outputs = [o for c in conversations for o in c]
+            turns = by_turn(conversations)
+        else:
+            outputs, duration = await dispatch(client, cfg, requests, model, url)
         after = await prometheus.scrape(client, root)
 
     result: dict[str, Any] = {
@@ -137,7 +149,8 @@ async def run_benchmark(config: Any) -> dict[str, Any]:
         "request_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
         "burstiness": cfg.burstiness,
         "max_concurrency": cfg.max_concurrency,
-        "tokenize_used": tokenizer.enabled and any(r.prompt_len is not None for r in requests),
+        "tokenize_used": tokenizer.enabled and (bool(cfg.multi_turn) or any(r.prompt_len is not None
+                                                                            for r in requests)),
     }
     result.update(compute_metrics(outputs, duration, display_percentiles(cfg.metric_percentiles)))
     modes = set(parse_mode_mix(cfg.mode_mix)) | set(result["per_mode"])
@@ -145,6 +158,9 @@ async def run_benchmark(config: Any) -> dict[str, Any]:
     result["tokens_per_forward"] = {m: v["tokens_per_forward"] for m, v in server.items()}
     result["server_counters"] = server
     result["spec_decode"] = prometheus.spec_decode(before, after, model)
+    result["prefix_cache"] = prometheus.prefix_cache(before, after, model)
+    if turns is not None:
+        result["multi_turn"] = turns
     result["metrics_scraped"] = before is not None and after is not None
     result["errors"] = [o.error for o in outputs if not o.success][:MAX_ERRORS]
     result["config"] = cfg.to_json()

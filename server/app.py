@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineDeadError
 from server.config import ServerConfig
 from server.disconnect import race_disconnect
 from server.metrics import CONTENT_TYPE
@@ -154,6 +154,15 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """As vLLM: forget the engine's cached KV blocks; requests sent after the 200 never reuse them."""
+        try:
+            async_engine.reset_prefix_cache()
+        except EngineDeadError:
+            raise APIError(503, "The engine is dead; there is no prefix cache to reset.") from None
+        return Response(status_code=200)
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         serving.check_model(req.model)
@@ -171,9 +180,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         serving.check_model(req.model)
         tok = serving.require_tokenizer("tokens")
         vocab = len(tok)
-        if len(req.tokens) > aeng.max_model_len:  # decoding runs on the event loop: bound it as a prompt is bounded
-            raise APIError(400, f"tokens holds {len(req.tokens)} ids, more than this model's maximum context length "
-                           f"of {aeng.max_model_len}", "tokens")
+        if len(req.tokens) > async_engine.max_model_len:  # decoding runs on the event loop: bound it as a prompt is bounded
+            raise APIError(400, f"tokens holds {len(req.tokens)} ids, more than this model's maximum context "
+                           f"length of {async_engine.max_model_len}", "tokens")
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": tok.decode(req.tokens)}

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.commands import Abort, Add, Command, Probe
+from engine.commands import Abort, Add, Command, Probe, ResetPrefixCache
 from engine.errors import InvalidParam
 from engine.events import AddRefused, BatchFailed, Dead, Event, Expired, Outputs, ProbeDone, Snapshot
 from engine.policy import RequestPolicy
@@ -337,6 +337,13 @@ class AsyncEngine:
             await asyncio.wait_for(fut, timeout)
         finally:
             self._probes.pop(probe_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Have the engine forget its cached KV blocks before it serves any request sent after this call (the
+        command queue is FIFO); raises EngineDeadError when there is no engine to reset."""
+        if self.dead is not None:
+            raise EngineDeadError("the engine is dead")
+        self._send(ResetPrefixCache())
 
     def abort_all(self) -> None:
         """End every in-flight request with finish_reason "abort" (drain deadline)."""

@@ -29,6 +29,7 @@ NAMED = {  # flag -> (table, key)
     "model": ("engine", "model"), "host": ("server", "host"), "port": ("server", "port"),
     "api_key": ("server", "api_key"), "api_key_file": ("server", "api_key_file"), "log_level": ("server", "log_level"),
     "served_model_name": ("server", "served_model_name"), "shutdown_timeout": ("server", "shutdown_timeout"),
+    "enable_prefix_caching": ("engine", "enable_prefix_caching"),
 }
 
 
@@ -73,6 +74,8 @@ def add_serve_parser(sub: Any) -> None:
                        help="read the API key from this file (its one line; e.g. a mounted Docker/Kubernetes secret)")
     serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV blocks of earlier requests' prefixes (default on; as vLLM's flag)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
                        help="log level; one line per finished request at info (default info)")
     add_config_flags(serve)

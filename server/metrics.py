@@ -74,6 +74,10 @@ class ServerMetrics:
                                     "its first token (the queue wait, for unchunked prefills).",
                                     mm, buckets=E2E_BUCKETS, registry=r)
         self.num_preemptions = Counter(p + "num_preemptions", "Preemptions by recompute.", m, registry=r)
+        self.prefix_cache_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                            "cache (at each request's first admission).", m, registry=r)
+        self.prefix_cache_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+                                         "prefill skipped).", m, registry=r)
         self.model_forwards = Counter(p + "model_forwards", "Engine forwards, i.e. passes over the weights: one per "
                                       "step, carrying every kind of forward at once.", m, registry=r)
         self.batch_size = Histogram(p + "batch_size", "Sequences of each forward kind per forward (one observation "
@@ -104,9 +108,9 @@ class ServerMetrics:
                                        registry=r)
         self.model_name = model_name
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
-                       self.num_preemptions, self.model_forwards, self.iteration_tokens, self.spec_drafts,
-                       self.spec_draft_tokens, self.spec_accepted_tokens, self.denoise_steps, self.client_disconnected,
-                       self.engine_restarts):
+                       self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits, self.model_forwards,
+                       self.iteration_tokens, self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens,
+                       self.denoise_steps, self.client_disconnected, self.engine_restarts):
             metric.labels(model_name)
         for mode in MODES:
             for metric in (self.prompt_tokens, self.generation_tokens, self.forward_passes, self.ttft, self.itl,
@@ -142,6 +146,9 @@ class ServerMetrics:
                 series.observe(value)
         if stats.num_preemptions:
             self.num_preemptions.labels(name).inc(stats.num_preemptions)
+        if stats.prefix_cache_queries:
+            self.prefix_cache_queries.labels(name).inc(stats.prefix_cache_queries)
+            self.prefix_cache_hits.labels(name).inc(stats.prefix_cache_hits)
 
     def set_gauges(self, running: int, waiting: int, kv_usage: float) -> None:
         self.num_requests_running.labels(self.model_name).set(running)

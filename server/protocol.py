@@ -118,6 +118,8 @@ class SamplingFields(RequestBody):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None  # refused unless empty; typed values would cost one error each
     timeout: float | None = Field(None, gt=0, description="trimode: per-request deadline in seconds")
+    cache_salt: str | None = Field(None, min_length=1, description="vLLM: only requests with the same salt share "
+                                   "prefix-cached KV blocks")
     mode: str | None = Field(None, description="trimode: ar | diffusion | self_spec | auto (default from the config)")
     steps: int | None = Field(None, ge=1, description="trimode: diffusion refinement steps per block")
     block_length: int | None = Field(None, ge=2, description="trimode: diffusion / self_spec block length")

@@ -139,10 +139,12 @@ class ChoiceState:
     prompt_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
+    num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache for this choice
 
     def render_output(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
         self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)  # an abort's output says 0
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(zip(out.new_token_ids, out.logprobs))
         if out.prompt_logprobs is not None:
@@ -211,7 +213,7 @@ class OpenAIServing:
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, cache_salt=req.cache_salt)
             return self.async_engine.policy.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
@@ -363,7 +365,7 @@ class OpenAIServing:
             continuous = include_usage and bool(opts and opts.continuous_usage_stats)  # vLLM: usage in every chunk
             chat = obj == "chat.completion"
             return SSEResponse(self._stream(gen, first, states, head, mode, chat, include_usage, continuous,
-                                            num_prompt_tokens), self.config.write_timeout, gen.close)
+                                            num_prompt_tokens, req.n), self.config.write_timeout, gen.close)
         try:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
@@ -377,7 +379,7 @@ class OpenAIServing:
         completion_tokens = sum(s.num_output_tokens for s in states)
         tok = self.async_engine.tokenizer
         body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
-                    usage=_usage(num_prompt_tokens, completion_tokens), mode=mode)
+                    usage=_usage(num_prompt_tokens, completion_tokens, _cached_tokens(states, req.n)), mode=mode)
         return Response(_dumps(body), media_type="application/json")
 
     async def _first(self, gen: Generation) -> tuple[int, RequestOutput]:
@@ -395,13 +397,14 @@ class OpenAIServing:
 
     async def _stream(self, gen: Generation, first: tuple[int, RequestOutput], states: list[ChoiceState],
                       head: dict[str, Any], mode: str, chat: bool, include_usage: bool, continuous: bool,
-                      num_prompt_tokens: int) -> AsyncIterator[bytes]:
+                      num_prompt_tokens: int, n: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = dict(head, object=obj)
         tok = self.async_engine.tokenizer
 
-        def usage() -> dict[str, dict[str, int]]:
-            return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states))}
+        def usage() -> dict[str, dict[str, Any]]:
+            return {"usage": _usage(num_prompt_tokens, sum(s.num_output_tokens for s in states),
+                                    _cached_tokens(states, n))}
 
         try:
             if chat:
@@ -444,9 +447,16 @@ def _seeded(params: SamplingParams, j: int) -> SamplingParams:
     return params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _cached_tokens(states: list[ChoiceState], n: int) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once as in `prompt_tokens`: its first
+    choice's (what the cache held when the request came; its other choices share the first one's blocks)."""
+    return sum(s.num_cached_tokens for s in states[::n])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _logprobs(s: ChoiceState, chat: bool, tok: Any, start: int) -> dict[str, Any] | None:

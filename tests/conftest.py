@@ -17,8 +17,16 @@ def _tiny_llm(tiny_ckpt):
 
 @pytest.fixture
 def tiny_llm(_tiny_llm):
-    """The shared tiny LLM; after each test every KV block must be free again."""
+    """The shared tiny LLM (prefix caching on, as by default); after each test every KV block must be free again
+    and every count exact, and its prefix cache is emptied so that each test starts cold."""
     yield _tiny_llm
-    eng = _tiny_llm.engine
+    assert_kv_idle(_tiny_llm.engine)
+    _tiny_llm.engine.reset_prefix_cache()
+
+
+def assert_kv_idle(eng) -> None:
+    """No work left and the KV pool exact: every block free (cached ones included), references and hashes
+    consistent (BlockManager.check_invariants)."""
     assert not eng.has_unfinished()
     assert eng.num_free_blocks == eng.num_total_blocks
+    eng.check_kv_invariants()

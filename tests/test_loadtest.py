@@ -121,6 +121,12 @@ def make_app(state: FakeState) -> FastAPI:
                 state.add("spec_decode_num_accepted_tokens", mode, forwards)
             usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n_out}
             usage["total_tokens"] = usage["prompt_tokens"] + n_out
+            if chat and len(body["messages"]) > 1:  # a later turn: the fake "caches" 2 tokens per earlier message
+                history = len(body["messages"]) - 1
+                usage["prompt_tokens"] = sum(len(m["content"].split()) for m in body["messages"])
+                usage["prompt_tokens_details"] = {"cached_tokens": 2 * history}
+                state.add("prefix_cache_queries", mode, usage["prompt_tokens"])
+                state.add("prefix_cache_hits", mode, 2 * history)
             yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -274,7 +280,8 @@ def test_cli_chat_console(server_state: tuple[str, FakeState], capsys: Any) -> N
         "Mean E2EL (ms):", "Median E2EL (ms):", "P50 E2EL (ms):", "P99 E2EL (ms):",
         "ar:", "diffusion:", "self_spec:", "Tokens per forward (ar):", "Tokens per forward (diffusion):",
         "Tokens per forward (self_spec):", "Acceptance rate (%):", "Acceptance length:", "Drafts:",
-        "Draft tokens:", "Accepted tokens:",
+        "Draft tokens:", "Accepted tokens:", "Cached prompt tokens (usage):", "Server lookups / hits (tokens):",
+        "Hit rate (%):",
     ]  # fmt: skip
     assert labels == expected
     assert "---------------Time to First Token----------------" in out
@@ -354,3 +361,45 @@ def test_dataset_file(server_state: tuple[str, FakeState], tmp_path: Any) -> Non
     assert [p["prompt"] for p in state.payloads].count("one two three") == 2
     assert all("mode" not in p for p in state.payloads)  # no --mode-mix: the server picks
     assert set(result["per_mode"]) == {"ar"}  # attributed from the chunks' "mode" field
+
+
+def test_shared_prefix_workload_puts_one_of_k_prefixes_before_each_suffix(server_state: tuple[str, FakeState]) -> None:
+    url, state = server_state
+    cfg = BenchmarkConfig(base_url=url, num_prompts=4, prefix_len=10, num_prefixes=2, input_len=5, output_len=2,
+                          no_progress=True, max_concurrency=1)
+    result = asyncio.run(run_benchmark(cfg))
+    assert result["completed"] == 4
+    words = [p["prompt"].split() for p in state.payloads]
+    assert all(len(w) == 15 for w in words)  # the fake tokenizer counts words
+    assert words[0][:10] == words[2][:10] and words[1][:10] == words[3][:10] and words[0][:10] != words[1][:10]
+    assert len({tuple(w[10:]) for w in words}) == 4  # every suffix its own
+    with pytest.raises(ValueError, match="num_prefixes"):
+        BenchmarkConfig(num_prefixes=0).validate()
+
+
+def test_multi_turn_workload_resends_the_conversation_and_reports_by_turn(server_state: tuple[str, FakeState],
+                                                                         capsys: Any) -> None:
+    url, state = server_state
+    argv = ["--base-url", url, "--endpoint", "chat", "--num-prompts", "2", "--multi-turn", "3", "--input-len", "4",
+            "--output-len", "3", "--max-concurrency", "2", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Turn 3 (TTFT, prompt, cached):" in out
+    assert len(state.payloads) == 6
+    last = [p["messages"] for p in state.payloads if len(p["messages"]) == 5]
+    assert len(last) == 2
+    for messages in last:
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+        assert messages[1]["content"] == " tok tok tok" and len(messages[0]["content"].split()) == 4
+    assert all(m[0]["content"] != m[2]["content"] for m in last) and last[0][0] != last[1][0]
+    cfg = BenchmarkConfig(base_url=url, endpoint="chat", num_prompts=2, multi_turn=3, input_len=4, output_len=3,
+                          no_progress=True)
+    result = asyncio.run(run_benchmark(cfg))
+    turns = result["multi_turn"]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and all(t["completed"] == 2 for t in turns)
+    assert turns[0]["hit_rate"] is None  # the first turn reports no cached tokens
+    assert turns[1]["mean_cached_tokens"] == 4 and turns[2]["mean_cached_tokens"] == 8
+    assert turns[2]["hit_rate"] == pytest.approx(8 / (4 + 3 + 4 + 3 + 4))
+    assert result["prefix_cache"]["hits"] == 2 * (4 + 8)
+    with pytest.raises(ValueError, match="endpoint chat"):
+        BenchmarkConfig(multi_turn=2).validate()

@@ -39,6 +39,11 @@ PANELS: list = [
     ("Preemptions", "ops", [
         (f"sum(rate(trimode:num_preemptions_total{{{M}}}{R}))", "preemptions/s"),
     ], "Sequences preempted by recompute when KV blocks ran out."),
+    ("Prefix cache hit rate", "percentunit", [
+        (f"sum by (model_name) (rate(trimode:prefix_cache_hits_total{{{M}}}{R})) / "
+         f"sum by (model_name) (rate(trimode:prefix_cache_queries_total{{{M}}}{R}))", "{{model_name}}"),
+    ], "Share of the prompt tokens looked up in the prefix cache that were found there (their prefill skipped), "
+       "in tokens, at each request's first admission. Requests asking for prompt_logprobs do not look up."),
     ("Rejected requests by reason", "reqps", [
         (f"sum by (reason) (rate(trimode:requests_rejected_total{{{M}}}{R}))", "{{reason}}"),
     ], "Requests refused before they started (503 queue full / draining / engine dead, 413 body too large)."),

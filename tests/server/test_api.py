@@ -157,7 +157,8 @@ def test_completion_sse_bytes_are_framed_exactly(server: str) -> None:
     usage = chunks[-1]
     assert list(usage) == ["id", "object", "created", "model", "choices", "usage", "mode"]
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 6,
-                                                         "total_tokens": 11}
+                                                         "total_tokens": 11,
+                                                         "prompt_tokens_details": {"cached_tokens": 0}}
     head = (f'data: {{"id":"{first["id"]}","object":"text_completion","created":{first["created"]},'
             f'"model":"{first["model"]}","choices":[{{"index":0,"text":').encode()
     assert raw.content.startswith(head)
