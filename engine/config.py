@@ -29,6 +29,7 @@ class EngineConfig:
     default_threshold: float = 0.9  # diffusion confidence threshold when a request gives none
     draft_lora: bool = True  # self_spec drafts use linear_spec_lora/ when the checkpoint ships it
     diffusion_lora: bool | None = None  # denoise forwards also use the draft LoRA; None = the checkpoint's hint
+    # under tensor parallelism per rank, and at most the rank's share of the CPUs the engine may run on
     num_threads: int | None = None  # CPU: torch intra-op threads; None = torch's default (all cores)
     use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
     # CPU fp32 / bf16: "auto" runs norms, RoPE, SwiGLU and decode attention as C++ kernels built on first start

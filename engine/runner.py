@@ -106,8 +106,9 @@ class ModelRunner:
         rank, world = (0, 1) if group is None else (group.rank, group.world)
         self.device = pick_device(config.device, rank, world) if group is None else group.device
         threads = config.num_threads
-        if threads is None and world > 1 and hasattr(os, "sched_getaffinity"):
-            threads = max(1, len(os.sched_getaffinity(0)) // world)  # the ranks share the CPUs they were given
+        if world > 1 and hasattr(os, "sched_getaffinity"):  # the ranks share the CPUs the engine was given
+            share = max(1, len(os.sched_getaffinity(0)) // world)
+            threads = share if threads is None else min(threads, share)
         if self.device.type == "cpu" and threads is not None:
             torch.set_num_threads(threads)  # process-wide: the engine owns the process's compute
         self.dtype = pick_dtype(config.dtype, self.device)

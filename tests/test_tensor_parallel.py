@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -128,5 +129,24 @@ def test_a_worker_killed_mid_forward_fails_the_engine_without_a_hang(tiny_ckpt) 
         assert not isinstance(err.value, BatchError)
         with pytest.raises(TensorParallelError, match="rank 1"):
             eng.probe()
+    finally:
+        eng.close()
+
+
+def test_a_worker_killed_while_idle_is_seen_at_once_and_fails_the_next_step(tiny_ckpt) -> None:
+    """No forward running: the watch (what the engine process uses to exit) fires on the worker's death by itself,
+    and the next step fails before sending the worker anything."""
+    eng = Engine(EngineConfig(model=str(tiny_ckpt), num_kv_tokens=1024, tensor_parallel_size=2))
+    try:
+        peers = eng.runner.peers
+        lost: list[str] = []
+        seen = threading.Event()
+        peers.watch(lambda reason: (lost.append(reason), seen.set()))
+        os.kill(peers.pids[0], signal.SIGKILL)
+        assert seen.wait(60), "the watch never fired"
+        assert "rank 1" in lost[0] and "exit code -9" in lost[0]
+        eng.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4, mode="ar"))
+        with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited \(exit code -9\)"):
+            eng.step()
     finally:
         eng.close()
