@@ -150,3 +150,45 @@ def test_a_worker_killed_while_idle_is_seen_at_once_and_fails_the_next_step(tiny
             eng.step()
     finally:
         eng.close()
+
+
+def test_memory_doc_per_rank_figures_match_the_sharded_model() -> None:
+    """docs/memory.md's per-rank table: each rank's parameters counted on the engine's own sharded model (meta)."""
+    import math
+    from pathlib import Path
+
+    from engine.model import TriModeModel
+    from engine.model_config import ModelConfig
+    from tests.checkpoints import nld_raw_config
+    from tests.test_deploy import (
+        GEOMETRY,
+        GPUS,
+        HEAD_DIM,
+        HEADS,
+        KV_BLOCK,
+        KV_HEADS,
+        LORA_RANK,
+        RESERVE,
+        UTILIZATION,
+        VOCAB,
+    )
+
+    doc = (Path(__file__).parents[1] / "docs" / "memory.md").read_text()
+    for size in ("8B", "14B"):
+        hidden, inter, layers = GEOMETRY[size]
+        cfg = ModelConfig.from_dict(nld_raw_config(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM))
+        for n in (2, 4, 8):
+            with torch.device("meta"):
+                model = TriModeModel(TensorShard(0, n).rank_config(cfg))
+            lora = layers * LORA_RANK * (HEADS * HEAD_DIM // n + hidden)  # A's column share, B whole
+            rank0 = 2 * (sum(p.numel() for p in model.parameters()) + lora)
+            rest = rank0 - 2 * VOCAB * hidden  # no LM head
+            kv = 2 * layers * (KV_HEADS // n) * HEAD_DIM * 2
+            tokens = math.floor((GPUS["80 GB"] * UTILIZATION - rank0 - RESERVE) / (kv * KV_BLOCK)) * KV_BLOCK
+            row = next((ln for ln in doc.splitlines() if ln.startswith(f"| {size} | {n} |")), None)
+            assert row is not None, f"docs/memory.md has no per-rank row for {size} at N = {n}"
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells == [size, str(n), f"{rank0:,} ({rank0 / 2**30:.2f} GiB)", f"{rest:,} ({rest / 2**30:.2f} GiB)",
+                             f"{kv:,}", f"{tokens:,}"], row
