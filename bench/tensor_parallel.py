@@ -30,17 +30,18 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import ModelConfig
 
-# random NLD checkpoints: "cpu" keeps the bench to a minute on 2 cores; "8b" is the Nemotron-Labs-Diffusion-8B
-# geometry (Ministral-3 8B: write ~32 GB fp32 on disk; a GPU host's shape, see docs/perf-offline.md)
+# random NLD checkpoints: "cpu" keeps the bench to a few minutes on 2 cores; "8b" is the Nemotron-Labs-Diffusion-8B
+# geometry for a GPU host (`--shape 8b --device cuda --dtype bfloat16 --sizes 1,2`: a 17 GB checkpoint on disk,
+# 34 GB of host RAM while it is written; untested here, no GPU)
 SHAPES = {
-    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                 num_key_value_heads=8, head_dim=64, vocab_size=32768),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=34, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=131072),
 }
 
 
-def write_random_checkpoint(path: Path, shape: dict) -> Path:
+def write_random_checkpoint(path: Path, shape: dict, dtype: torch.dtype = torch.float32) -> Path:
     """A random-weight NLD checkpoint with a draft LoRA (forward times do not depend on the values)."""
     import json
 
@@ -59,18 +60,20 @@ def write_random_checkpoint(path: Path, shape: dict) -> Path:
         for layer in model.encoder.layers:
             o = layer.self_attn.o_proj
             o.set_lora(torch.randn(16, o.in_features) * 0.02, torch.randn(o.out_features, 16) * 0.02, 2.0)
-    save_checkpoint(model, path, raw, dtype=torch.float32)
-    save_draft_lora(model, path, 16, 32.0, dtype=torch.float32)
+    save_checkpoint(model, path, raw, dtype=dtype)
+    save_draft_lora(model, path, 16, 32.0, dtype=dtype)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
     return path
 
 
-def time_sizes(model: str, sizes: list[int], batch_sizes: list[int], context: int, block: int,
-               repeats: int) -> dict[tuple[int, int], dict[str, float]]:
+def time_sizes(model: str, sizes: list[int], batch_sizes: list[int], context: int, block: int, repeats: int,
+               device: str = "cpu", dtype: str = "float32", threads_per_rank: int | None = None
+               ) -> dict[tuple[int, int], dict[str, float]]:
     """(tp size, batch) -> ms per forward kind."""
     out = {}
     for size in sizes:
-        engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32", tensor_parallel_size=size,
+        engine = Engine(EngineConfig(model=model, device=device, dtype=dtype, tensor_parallel_size=size,
+                                     num_threads=threads_per_rank,
                                      num_kv_tokens=max(4096, 2 * max(batch_sizes) * (context + block))))
         try:
             for batch in batch_sizes:
@@ -85,7 +88,7 @@ def _head_rank(rank: int, port: int, hidden: int, vocab: int, rows: list[int], r
     from engine.parallel.group import TensorParallelGroup, make_store
 
     torch.set_num_threads(threads)
-    store = make_store("127.0.0.1", port, 2, rank == 0, 60)
+    store = make_store("127.0.0.1", port, 2, False, 60)  # the parent hosts it
     group = TensorParallelGroup(store, rank, 2, torch.device("cpu"), 60)
     torch.manual_seed(0)
     half = torch.randn(vocab // 2, hidden)
@@ -139,23 +142,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", help="checkpoint directory (default: a random checkpoint of --shape)")
     p.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
     p.add_argument("--sizes", default="1,2", help="tensor_parallel_size values")
-    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--context", type=int, default=128, help="tokens already cached per sequence")
     p.add_argument("--block-length", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--head", action="store_true", help="also time replicated vs vocab-parallel LM head")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="CPU: torch threads of each rank (default: the ranks share every usable CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank (NCCL)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--head", action="store_true", help="also time replicated vs vocab-parallel LM head (CPU, gloo)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(write_random_checkpoint(Path(tmp) / f"random-{args.shape}", SHAPES[args.shape]))
-        ms = time_sizes(model, sizes, batch_sizes, args.context, args.block_length, args.repeats)
+        model = args.model or str(write_random_checkpoint(Path(tmp) / f"random-{args.shape}", SHAPES[args.shape],
+                                                          getattr(torch, args.dtype)))
+        ms = time_sizes(model, sizes, batch_sizes, args.context, args.block_length, args.repeats, args.device,
+                        args.dtype, args.threads_per_rank)
         shape = ModelConfig.from_file(Path(model) / "config.json")
     print(f"{Path(model).name}: hidden {shape.hidden_size}, {shape.num_hidden_layers} layers, "
-          f"{shape.num_attention_heads}/{shape.num_key_value_heads} heads, vocab {shape.vocab_size}; fp32, {cpus} "
-          f"CPU(s) shared by the ranks, {args.context} cached tokens per sequence, block {args.block_length}; "
-          f"ms per forward (median of {args.repeats})\n")
+          f"{shape.num_attention_heads}/{shape.num_key_value_heads} heads, vocab {shape.vocab_size}; {args.dtype}, "
+          f"{args.device} ({cpus} CPU(s); threads per rank: {args.threads_per_rank or 'their share'}), "
+          f"{args.context} cached tokens per sequence, "
+          f"block {args.block_length}; ms per forward (median of {args.repeats})\n")
     kinds = list(next(iter(ms.values())))
     print("| batch | forward | " + " | ".join(f"TP={s} ms" for s in sizes) + " | " +
           " | ".join(f"TP={s} / TP={sizes[0]}" for s in sizes[1:]) + " |")
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             cells = [f"{ms[(s, batch)][kind]:.2f}" for s in sizes]
             ratios = [f"{ms[(s, batch)][kind] / base:.2f}x" for s in sizes[1:]]
             print(f"| {batch} | {kind} | " + " | ".join(cells + ratios) + " |")
-    if args.head:
+    if args.head and args.device == "cpu":
         rows = sorted({1, max(batch_sizes), args.block_length * max(batch_sizes)})
         head = time_head(shape.hidden_size, shape.vocab_size, rows, max(args.repeats, 5), cpus)
         print(f"\nLM head [rows, {shape.hidden_size}] x [{shape.hidden_size}, {shape.vocab_size}], fp32, "
