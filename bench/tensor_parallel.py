@@ -108,25 +108,30 @@ def _head_rank(rank: int, port: int, hidden: int, vocab: int, rows: list[int], r
             results.put((m, statistics.median(times) * 1e3))
 
 
-def time_head(hidden: int, vocab: int, rows: list[int], repeats: int, threads: int) -> dict[int, tuple[float, float]]:
-    """rows -> (replicated ms, vocab-parallel ms) of the LM head, on two gloo ranks of `threads // 2` threads."""
+def _time_gemm(weight: torch.Tensor, m: int, repeats: int, threads: int) -> float:
     torch.set_num_threads(threads)
+    x = torch.randn(m, weight.shape[1])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ weight.t()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def time_head(hidden: int, vocab: int, rows: list[int], repeats: int, threads: int
+              ) -> dict[int, tuple[float, float, float]]:
+    """rows -> ms of the LM head: replicated on rank 0 with a rank's share of the threads (what the engine runs),
+    replicated with every thread, and vocab-parallel over two gloo ranks of a share each (half GEMM + gather)."""
     weight = torch.randn(vocab, hidden)
-    replicated = {}
-    for m in rows:
-        x = torch.randn(m, hidden)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            x @ weight.t()
-            times.append(time.perf_counter() - t)
-        replicated[m] = statistics.median(times) * 1e3
+    per_rank = max(1, threads // 2)
+    replicated = {m: (_time_gemm(weight, m, repeats, per_rank), _time_gemm(weight, m, repeats, threads))
+                  for m in rows}
     from engine.parallel.group import make_store
 
     store = make_store("127.0.0.1", 0, 2, True, 60)  # rank 0's store; the ranks below connect to it
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
-    per_rank = max(1, threads // 2)
     procs = [ctx.Process(target=_head_rank, args=(r, store.port, hidden, vocab, rows, repeats, per_rank, results))
              for r in (0, 1)]
     for p in procs:
@@ -134,7 +139,7 @@ def time_head(hidden: int, vocab: int, rows: list[int], repeats: int, threads: i
     parallel = dict(results.get(timeout=600) for _ in rows)
     for p in procs:
         p.join(60)
-    return {m: (replicated[m], parallel[m]) for m in rows}
+    return {m: (*replicated[m], parallel[m]) for m in rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,13 +183,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {batch} | {kind} | " + " | ".join(cells + ratios) + " |")
     if args.head and args.device == "cpu":
         rows = sorted({1, max(batch_sizes), args.block_length * max(batch_sizes)})
-        head = time_head(shape.hidden_size, shape.vocab_size, rows, max(args.repeats, 5), cpus)
+        head = time_head(shape.hidden_size, shape.vocab_size, rows, max(args.repeats, 7), cpus)
         print(f"\nLM head [rows, {shape.hidden_size}] x [{shape.hidden_size}, {shape.vocab_size}], fp32, "
               f"{cpus} thread(s) in all\n")
-        print("| logit rows | replicated on rank 0 ms | vocab-parallel + gather ms |")
-        print("|---:|---:|---:|")
-        for m, (rep, par) in head.items():
-            print(f"| {m} | {rep:.2f} | {par:.2f} |")
+        share = max(1, cpus // 2)
+        print(f"| logit rows | replicated: rank 0, {share} thread(s) ms | replicated, {cpus} thread(s) ms | "
+              f"vocab-parallel, 2 x {share} thread(s) + gather ms |")
+        print("|---:|---:|---:|---:|")
+        for m, (rep, rep_all, par) in head.items():
+            print(f"| {m} | {rep:.2f} | {rep_all:.2f} | {par:.2f} |")
 
 
 if __name__ == "__main__":
