@@ -30,6 +30,7 @@ class EngineConfig:
     default_threshold: float = 0.9  # diffusion confidence threshold when a request gives none
     draft_lora: bool = True  # self_spec drafts use linear_spec_lora/ when the checkpoint ships it
     diffusion_lora: bool | None = None  # denoise forwards also use the draft LoRA; None = the checkpoint's hint
+    # under tensor parallelism per rank, and at most the rank's share of the CPUs the engine may run on
     num_threads: int | None = None  # CPU: torch intra-op threads; None = torch's default (all cores)
     use_flash_attn: bool = True  # CUDA + flash-attn installed + kv_block_size % 256 == 0; else SDPA
     # CPU fp32 / bf16: "auto" runs norms, RoPE, SwiGLU and decode attention as C++ kernels built on first start
@@ -40,6 +41,10 @@ class EngineConfig:
     # every ar, diffusion and one-shot self_spec request that fits the context (each needs fewer than
     # 2 x max_model_len) and refuses only self_spec threshold drafting with a long block and a long output
     max_forwards_per_request: int | None = None  # decode forwards a request may need at most; None = 2 x max_model_len
+    # ranks one model is split over (Megatron tensor parallelism, engine/parallel/): must divide the checkpoint's
+    # KV heads, attention heads and intermediate size; CUDA: one device per rank (NCCL), CPU: processes (gloo)
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (engine process + size-1 workers)
+    tensor_parallel_timeout: float = 300.0  # seconds a rank waits in one collective before the engine fails
 
     def __post_init__(self) -> None:
         checks = {
@@ -59,6 +64,8 @@ class EngineConfig:
             "num_threads": self.num_threads is None or self.num_threads >= 1,
             "cpu_kernels": self.cpu_kernels in ("auto", "fused", "torch"),
             "max_forwards_per_request": self.max_forwards_per_request is None or self.max_forwards_per_request >= 1,
+            "tensor_parallel_size": isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_timeout": self.tensor_parallel_timeout > 0,
         }
         for name, ok in checks.items():
             if not ok:

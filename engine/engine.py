@@ -11,6 +11,7 @@ the blocks of finished sequences. The outcomes' counters are summed into the ste
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from engine.decoding.base import DecoderContext, Outcome, emit_tokens
 from engine.decoding.registry import DECODERS
 from engine.forward import Forward, ForwardRequest
 from engine.kv_cache import BlockManager
+from engine.parallel.group import TensorParallelError
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
 from engine.sampling import sample, token_logprobs
@@ -144,6 +146,8 @@ class Engine:
         try:
             started = auto.clock() if auto is not None else 0.0
             outputs = self._run_batch(batch, stats, preempted_before)
+        except TensorParallelError:
+            raise  # a rank died or the ranks are out of step: no forward can run after it, the engine is dead
         except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch's requests
             sched.blocks.drop_pending()  # blocks registered for this forward may hold no K/V: never share them
             raise BatchError([s.request_id for s in batch.seqs], exc) from exc
@@ -275,3 +279,19 @@ class Engine:
     def probe(self) -> None:
         """Readiness: a real one-token forward; raises if the model is broken."""
         self.runner.probe()
+
+    def exit_when_a_worker_dies(self) -> None:
+        """End this process (exit code 1) as soon as a tensor-parallel worker dies, even while idle: for an engine
+        that runs in a process of its own (server/engine_process.py), whose death the server handles. Without
+        workers, nothing to watch."""
+        if self.runner.peers is not None:
+            def lost(reason: str) -> None:
+                log.error("%s: the engine process exits", reason)
+                logging.shutdown()
+                os._exit(1)
+
+            self.runner.peers.watch(lost)
+
+    def close(self) -> None:
+        """Release what outlives the object on its own: the tensor-parallel workers (none without them)."""
+        self.runner.close()

@@ -3,21 +3,26 @@
 Accepts `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`; NLD names
 (`encoder.*`, `diffusion_head.weight`) load as they are, plain causal LMs map `model.*` -> `encoder.*` and
 `lm_head` -> `diffusion_head` (or tie it to the embeddings). The optional draft LoRA lives in
-`linear_spec_lora/` (PEFT layout, o_proj only). A missing file is an error that names it.
+`linear_spec_lora/` (PEFT layout, o_proj only). A missing file is an error that names it. With a `TensorShard`
+(tensor parallelism) each rank reads only its slice of every tensor (safetensors slices: the rest stays on disk).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.model import TriModeModel, rope_inv_freq
 from engine.model_config import ModelConfig
+from engine.parallel.shard import HEAD, TensorShard
 
 LORA_DIR = "linear_spec_lora"
 
@@ -36,15 +41,28 @@ def _require(path: Path) -> Path:
     return path
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, take: Callable[[str, Any], torch.Tensor | None] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint by its file name; with `take(name, slice)`, what it returns for each (its
+    part of the tensor, read from the safetensors slice, or None to skip it)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [_require(path / s) for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [_require(path / "model.safetensors")]
+    if take is None:
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(_require(path / shard))))
+        for file in files:
+            state.update(load_file(str(file)))
         return state
-    return load_file(str(_require(path / "model.safetensors")))
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                part = take(name, f.get_slice(name))
+                if part is not None:
+                    state[name] = part
+    return state
 
 
 def _map_name(name: str) -> str | None:
@@ -67,35 +85,46 @@ def stop_ids_for(path: Path, cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               load_lora: bool = True) -> tuple[TriModeModel, CheckpointInfo]:
-    """Build the model on `device` in `dtype` from the checkpoint directory `path`."""
+               load_lora: bool = True, shard: TensorShard | None = None) -> tuple[TriModeModel, CheckpointInfo]:
+    """Build the model on `device` in `dtype` from the checkpoint directory `path`; with a `shard`, only that
+    rank's part of it (its share of the heads; the LM head on rank 0 only: elsewhere `diffusion_head` is None).
+    The CheckpointInfo always describes the whole model."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     cfg = ModelConfig.from_file(_require(path / "config.json"))
-    state = read_state_dict(path)
+    take = None
+    if shard is not None:
+        def take(name: str, tensor: Any) -> torch.Tensor | None:
+            new = _map_name(name)
+            return None if new is None else shard.take(cfg, new, tensor)
+    state = read_state_dict(path, take)
     with torch.device("meta"):
-        model = TriModeModel(cfg)
+        model = TriModeModel(cfg if shard is None else shard.rank_config(cfg))
     mapped: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         new = _map_name(name)
         if new is not None:
             mapped[new] = tensor
-    if cfg.tie_word_embeddings or "diffusion_head.weight" not in mapped:
+    holds_head = shard is None or shard.holds_head
+    if holds_head and (cfg.tie_word_embeddings or "diffusion_head.weight" not in mapped):
         if "diffusion_head.weight" not in mapped and not cfg.tie_word_embeddings:
             raise ValueError(f"{path}: no diffusion_head.weight / lm_head.weight and embeddings are not tied")
         mapped.pop("diffusion_head.weight", None)
-    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "diffusion_head.weight")}
+    if not holds_head:
+        mapped.pop(HEAD, None)
+        model.diffusion_head = None  # type: ignore[assignment]  # a rank > 0 never computes logits
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == HEAD)}
     missing = sorted(expected - mapped.keys())
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.load_state_dict(mapped, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and holds_head:
         model.diffusion_head.weight = model.encoder.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)[0]  # created on `meta` with the rest
     has_lora = load_lora and cfg.is_trimode and (path / LORA_DIR).is_dir()
     if has_lora:
-        load_draft_lora(model, path / LORA_DIR)
+        load_draft_lora(model, path / LORA_DIR, None if shard is None else (shard, cfg))
     model = model.to(device=device, dtype=dtype).eval()
     # the rope buffer stays fp32 whatever the weights' dtype
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)[0].to(device)
@@ -103,8 +132,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return model, CheckpointInfo(path, cfg, stop_ids_for(path, cfg), has_lora)
 
 
-def load_draft_lora(model: TriModeModel, lora_dir: Path) -> None:
-    """Attach the PEFT o_proj adapter: `y = o_proj(x) + (alpha / r) * B(A(x))`, used in draft forwards only."""
+def load_draft_lora(model: TriModeModel, lora_dir: Path, shard: tuple[TensorShard, ModelConfig] | None = None) -> None:
+    """Attach the PEFT o_proj adapter: `y = o_proj(x) + (alpha / r) * B(A(x))`, used in draft forwards only; with
+    a shard (and the whole model's config), A split with o_proj's input columns."""
     conf = json.loads(_require(lora_dir / "adapter_config.json").read_text())
     r, alpha = int(conf["r"]), float(conf["lora_alpha"])
     targets = conf.get("target_modules") or ["o_proj"]
@@ -116,6 +146,8 @@ def load_draft_lora(model: TriModeModel, lora_dir: Path) -> None:
         a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
         if a is None or b is None:
             raise ValueError(f"{lora_dir}: adapter lacks {stem}.lora_A/B")
+        if shard is not None:
+            a, b = shard[0].take_lora(shard[1], a, b)
         layer.self_attn.o_proj.set_lora(a, b, alpha / r)
 
 

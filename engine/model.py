@@ -6,12 +6,14 @@ onto the same modules at load time. Tokens are flattened across the batch (`[T]`
 sees `(input_ids, positions, ctx)` and all attention metadata travels in `ctx`, an `AttentionContext` that owns
 each sequence's attention pattern (causal and writing KV, or bidirectional and read-only) and which rows get the
 draft LoRA on `o_proj`; one forward may mix them. The kind of pass is therefore an argument of each forward, never
-module state.
+module state. Under tensor parallelism (engine/parallel/) each rank's model holds its share of the heads and
+intermediate features, and `Attention` / `MLP` sum their row-parallel output over the ranks with `reduce`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -21,6 +23,8 @@ from torch import nn
 from engine.cpu_kernels import TORCH_OPS, FusedCpuOps, TorchOps
 from engine.cpu_linear import PackableLinear
 from engine.model_config import ModelConfig, RopeConfig
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # in-place sum over the tensor-parallel ranks (engine/parallel)
 
 
 class AttentionContext(Protocol):
@@ -124,6 +128,7 @@ class Attention(nn.Module):
         self.qkv_proj: PackableLinear | None = None  # set by `fuse`
         self.o_proj = LoRALinear(self.num_heads * self.head_dim, cfg.hidden_size)
         self.ops: TorchOps | FusedCpuOps = TORCH_OPS
+        self.reduce: Reduce | None = None  # tensor parallelism: sums o_proj's partial outputs over the ranks
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -151,7 +156,8 @@ class Attention(nn.Module):
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         out = ctx.attend(self.layer_idx, q, k, v)  # [T, Hq, D]
-        return self.o_proj.forward_lora(out.reshape(t, -1), ctx.draft_lora)
+        y = self.o_proj.forward_lora(out.reshape(t, -1), ctx.draft_lora)  # a rank's partial sum, LoRA delta included
+        return y if self.reduce is None else self.reduce(y)
 
 
 def _stacked(parts: list[PackableLinear | None]) -> PackableLinear:
@@ -172,6 +178,7 @@ class MLP(nn.Module):
         self.gate_up_proj: PackableLinear | None = None  # set by `fuse`
         self.down_proj = PackableLinear(cfg.intermediate_size, cfg.hidden_size)
         self.ops: TorchOps | FusedCpuOps = TORCH_OPS
+        self.reduce: Reduce | None = None  # tensor parallelism: sums down_proj's partial outputs over the ranks
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -185,7 +192,8 @@ class MLP(nn.Module):
             gate_up = self.gate_up_proj(x)
         else:
             gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        return self.down_proj(self.ops.silu_mul(gate_up))
+        y = self.down_proj(self.ops.silu_mul(gate_up))
+        return y if self.reduce is None else self.reduce(y)
 
 
 class DecoderLayer(nn.Module):
@@ -260,6 +268,12 @@ class TriModeModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, MLP)):
                 m.ops = ops
+
+    def set_reduce(self, reduce: Reduce | None) -> None:
+        """Tensor parallelism: after o_proj and after down_proj, sum the ranks' partial outputs with `reduce`."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.reduce = reduce
 
     def fuse_projections(self) -> None:
         """Inference layout: q/k/v and gate/up each become one linear. The state dict then no longer has the

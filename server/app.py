@@ -180,7 +180,8 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         serving.check_model(req.model)
         tok = serving.require_tokenizer("tokens")
         vocab = len(tok)
-        if len(req.tokens) > async_engine.max_model_len:  # decoding runs on the event loop: bound it as a prompt is bounded
+        # decoding runs on the event loop: bound it as a prompt is bounded
+        if len(req.tokens) > async_engine.max_model_len:
             raise APIError(400, f"tokens holds {len(req.tokens)} ids, more than this model's maximum context "
                            f"length of {async_engine.max_model_len}", "tokens")
         if any(not 0 <= t < vocab for t in req.tokens):

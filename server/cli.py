@@ -30,6 +30,7 @@ NAMED = {  # flag -> (table, key)
     "api_key": ("server", "api_key"), "api_key_file": ("server", "api_key_file"), "log_level": ("server", "log_level"),
     "served_model_name": ("server", "served_model_name"), "shutdown_timeout": ("server", "shutdown_timeout"),
     "enable_prefix_caching": ("engine", "enable_prefix_caching"),
+    "tensor_parallel_size": ("engine", "tensor_parallel_size"),
 }
 
 
@@ -73,6 +74,10 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--api-key-file", metavar="PATH",
                        help="read the API key from this file (its one line; e.g. a mounted Docker/Kubernetes secret)")
     serve.add_argument("--served-model-name", help="model name in the API (default: checkpoint directory name)")
+    serve.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                       help="shard the model over N ranks (Megatron tensor parallelism: the engine process plus N-1 "
+                       "workers; NCCL on CUDA, one GPU each, gloo on CPU); N must divide the checkpoint's KV heads, "
+                       "attention heads and intermediate size (default 1)")
     serve.add_argument("--shutdown-timeout", type=float, help="seconds to drain in-flight requests on SIGTERM")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                        help="reuse the KV blocks of earlier requests' prefixes (default on; as vLLM's flag)")
@@ -115,7 +120,25 @@ def cpu_plan(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> CpuPlan | No
     """Where the engine and HTTP processes run, or None for the OS to decide; ValueError names the field."""
     if not server_cfg.engine_process:
         return None
-    return plan_cpus(server_cfg.engine_cpus, engine_on_cpu(engine_cfg), engine_cfg.num_threads, usable_cpus())
+    threads = engine_cfg.num_threads  # per rank: the engine's ranks share the engine's CPUs
+    if threads is not None:
+        threads *= engine_cfg.tensor_parallel_size
+    return plan_cpus(server_cfg.engine_cpus, engine_on_cpu(engine_cfg), threads, usable_cpus())
+
+
+def check_tensor_parallel(engine_cfg: EngineConfig) -> None:
+    """ValueError naming `tensor_parallel_size` when the checkpoint's heads cannot be shared by that many ranks:
+    a config error before any process starts."""
+    if engine_cfg.tensor_parallel_size == 1:
+        return
+    from pathlib import Path
+
+    from engine.engine import default_model_path
+    from engine.model_config import ModelConfig
+    from engine.parallel.shard import check_tensor_parallel_size
+
+    path = Path(engine_cfg.model or default_model_path()) / "config.json"
+    check_tensor_parallel_size(ModelConfig.from_file(path), engine_cfg.tensor_parallel_size)
 
 
 def load_engine(engine_cfg: EngineConfig, server_cfg: ServerConfig, plan: CpuPlan | None = None) -> Any:
@@ -145,6 +168,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         engine_cfg, server_cfg = load_config(args.config, overrides_from(args))
+        check_tensor_parallel(engine_cfg)
         plan = cpu_plan(engine_cfg, server_cfg)
     except (OSError, ValueError) as exc:
         print(f"trimode: config error: {exc}", file=sys.stderr)

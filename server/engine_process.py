@@ -79,6 +79,7 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, even
         from engine.engine import Engine, default_model_path
 
         engine = Engine(config)
+        engine.exit_when_a_worker_dies()  # a dead tensor-parallel rank ends this process: the server sees it die
         path = config.model or default_model_path()
     except Exception as exc:  # reported to the parent, which raises it at startup
         emit(LoadFailed(type(exc).__name__, str(exc)))

@@ -60,3 +60,21 @@ def test_plain_checkpoint_rejects_tri_modes(smollm2_llm, mode):
     with pytest.raises(ValueError, match="tri-mode"):
         smollm2_llm.generate(["Hi"], SamplingParams(max_tokens=4, mode=mode))
     assert not smollm2_llm.engine.has_unfinished()
+
+
+def test_tensor_parallel_greedy_equals_one_process(smollm2_dir, smollm2_llm):
+    """Real weights over 3 gloo ranks (SmolLM2 has 3 KV heads and 9 attention heads: 3 ranks divide both, 2 do
+    not and are refused before any process starts): the same greedy tokens as one process."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 does not divide .*num_key_value_heads=3"):
+        Engine(EngineConfig(model=str(smollm2_dir), device="cpu", num_kv_tokens=2048, tensor_parallel_size=2))
+    tp = LLM(model=str(smollm2_dir), dtype="float32", device="cpu", num_kv_tokens=2048, tensor_parallel_size=3)
+    try:
+        params = SamplingParams(max_tokens=8, mode="ar")
+        prompts = PROMPTS[:3]
+        assert [o.token_ids for o in tp.generate(prompts, params)] == \
+            [o.token_ids for o in smollm2_llm.generate(prompts, params)]
+    finally:
+        tp.engine.close()
