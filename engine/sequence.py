@@ -15,6 +15,7 @@ from typing import Any
 from engine.decoding.modes import MODES
 from engine.errors import InvalidParam
 from engine.forward import Forward
+from engine.structured import GrammarSpec
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
@@ -36,6 +37,7 @@ class SamplingParams:
     threshold: float | None = None  # diffusion: commit confidence in (0, 1]; self_spec: None = one-shot draft
     logprobs: int | None = None  # per emitted token: its logprob and the top-N alternatives (0..20); None = off
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (0..20); None = off
+    structured: GrammarSpec | None = None  # a grammar every output token obeys (engine.grammar), compiled by the server
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
