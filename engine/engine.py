@@ -23,6 +23,7 @@ from engine.decoding.base import DecoderContext, Outcome, emit_tokens
 from engine.decoding.registry import DECODERS
 from engine.forward import Forward, ForwardRequest
 from engine.kv_cache import BlockManager
+from engine.logits_processing import build_pipeline, process
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
 from engine.sampling import sample, token_logprobs
@@ -112,6 +113,7 @@ class Engine:
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, frozenset(stop),
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time, generator=gen)
+        seq.logits_pipeline = build_pipeline(params, stop_ids=sorted(stop))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -185,7 +187,8 @@ class Engine:
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
         seq.sample_after_prefill = False
-        return emit_tokens(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id), rows[-1:], seq,
+        chosen = sample(process(rows[-1:], seq), seq.params, seq.generator, self.mask_token_id)
+        return emit_tokens(chosen, rows[-1:], seq,
                            self.decoder_ctx, num_kv_kept=len(req.token_ids))
 
     @staticmethod

@@ -37,7 +37,10 @@ def exclude(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    # logits [N, V] already divided by the temperature
+    # logits [N, V] already divided by the temperature; min_p first, as vLLM
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,7 +56,7 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, mask_id: int | None) -> torch.Tensor:
     """The distribution `sample` draws each row from at T > 0 ([N, V] fp32): softmax of the tempered logits after
-    top-k / top-p, the mask id excluded."""
+    min_p / top-k / top-p, the mask id excluded."""
     assert params.temperature > 0
     return _filter(exclude(logits, mask_id) / params.temperature, params).softmax(-1)
 

@@ -20,6 +20,7 @@ import torch
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.modes import DENOISE_STEPS_PER_BLOCK
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.logits_processing import committed_prefixes, process
 from engine.sampling import denoise_pick, sample, token_logprobs
 from engine.sequence import Logprob, Sequence
 
@@ -57,12 +58,15 @@ class BlockDiffusion(Decoder):
         st: DiffusionState = seq.state
         if req.forward == Forward.COMMIT:
             seq.state = None
-            seed = sample(logits[-1:], seq.params, seq.generator, ctx.mask_id)
+            seed = sample(process(logits[-1:], seq), seq.params, seq.generator, ctx.mask_id)
             return emit_tokens(seed, logits[-1:], seq, ctx, num_kv_kept=len(req.token_ids))
         p = seq.params
         block = st.block
         masked = [i for i, t in enumerate(block) if t == ctx.mask_id and i > 0]
-        x0, conf = denoise_pick(logits[masked], p, seq.generator, ctx.mask_id)  # rows of masked positions
+        rows = logits[masked]  # rows of masked positions, each after the committed run to its left
+        if seq.logits_pipeline is not None:
+            rows = process(rows, seq, committed_prefixes(block, masked, ctx.mask_id))
+        x0, conf = denoise_pick(rows, p, seq.generator, ctx.mask_id)
         confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
         n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
         order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
