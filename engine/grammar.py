@@ -129,6 +129,8 @@ def _short(exc: BaseException) -> str:
 class GrammarProcessor:
     """The logits processor of one constrained sequence (see the module docstring)."""
 
+    needs_order = True  # diffusion commits a constrained block left to right (engine.logits_processing)
+
     def __init__(self, compiled: Any, vocab_size: int, stop_token_ids: Seq[int]) -> None:
         xgr = _xgr()
         self._xgr = xgr

@@ -138,9 +138,11 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart], FAIL_FAST] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -29,6 +29,8 @@ from server.detokenizer import IncrementalDetokenizer, StopChecker
 from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
+from server.structured_outputs import GrammarSpec, StructuredOutputs, spec_of
+from server.tools import ToolOutput, plan, template_messages, tool_finish_reason
 
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
@@ -147,6 +149,7 @@ class ChoiceState:
     prompt_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
+    tools: ToolOutput | None = None  # chat with tools: the choice's calls, parsed from its text
 
     def consume(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
@@ -181,6 +184,7 @@ class Serving:
     metrics: ServerMetrics
     model_name: str
     _max_chars: int | None = None
+    _grammars: StructuredOutputs | None = None
 
     # ---- validation ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -257,6 +261,7 @@ class Serving:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt)
         base = self._params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
+        base = await self._constrained(base, self._spec(req))
         tok = self.aeng.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
@@ -276,16 +281,48 @@ class Serving:
         if req.top_logprobs is not None and req.top_logprobs > MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
                            "top_logprobs")
-        for name in ("tools", "response_format"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not currently supported", name)
-        ids = await self.chat_ids(req.messages)
+        spec = self._spec(req)
+        try:
+            tool_plan = plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+        if tool_plan is not None and tool_plan.grammar is not None:  # required / named: calls by grammar
+            if spec is not None:
+                raise APIError(400, f"tool_choice {tool_plan.choice} cannot be combined with {spec.field}",
+                               "tool_choice")
+            spec = tool_plan.grammar
+        ids = await self.chat_ids(req.messages, req.tools if tool_plan is not None else None)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._fit(ids, self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None),
                            max_tokens is None, "messages")
+        params = await self._constrained(params, spec)
         items = [(ids, _seeded(params, j)) for j in range(req.n)]
         states = [self._choice(j, ids, stop, req.include_stop_str_in_output, "") for j in range(req.n)]
+        if tool_plan is not None:
+            for s in states:
+                s.tools = ToolOutput.for_plan(tool_plan, self.config.tool_call_parser)
         return await self._respond("chatcmpl", "chat.completion", req, items, states, len(ids))
+
+    # ---- structured outputs -------------------------------------------------------------------------------
+    @staticmethod
+    def _spec(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+        try:
+            return spec_of(req)
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+
+    async def _constrained(self, params: SamplingParams, spec: GrammarSpec | None) -> SamplingParams:
+        """`params` carrying `spec` compiled (in a worker thread, cached by the spec); 400 naming the field."""
+        if spec is None:
+            return params
+        tok = self.require_tokenizer(spec.field)
+        if self._grammars is None:
+            policy = getattr(self.aeng.engine, "policy", None)
+            self._grammars = StructuredOutputs(tok, policy.vocab_size if policy is not None else len(tok))
+        try:
+            return replace(params, structured=await self._grammars.compiled(spec))
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
 
     # ---- prompts ------------------------------------------------------------------------------------------
     async def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
@@ -329,16 +366,14 @@ class Serving:
             return list(tok.encode(text, add_special_tokens=add_special_tokens))
         return list(await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens))
 
-    async def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat template applied to `messages` (plus the assistant prompt), as token ids."""
+    async def chat_ids(self, messages: list[ChatMessage], tools: list[Any] | None = None) -> list[int]:
+        """The chat template applied to `messages` (plus the assistant prompt, and `tools` when given), as token ids."""
         tok = self.require_tokenizer("messages")
-        msgs = []
-        for m in messages:
-            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
-            msgs.append({"role": m.role, "content": content})
+        msgs = template_messages(messages)
         self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
         try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            extra = {"tools": tools} if tools else {}
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **extra)
         except Exception as exc:  # template errors (jinja raise_exception, missing template) are the user's
             raise APIError(400, f"chat template error: {exc}"[:500], "messages") from None
         return await self.encode(text, "messages", add_special_tokens=False)
@@ -482,8 +517,15 @@ def _chunk_choice(s: ChoiceState, text: str, chat: bool, tok: Any) -> dict[str, 
     start, s.logprobs_sent = s.logprobs_sent, len(s.logprobs or ())
     lps = _logprobs(s, chat, tok, start) if s.logprobs_sent > start else None
     if chat:
-        return {"index": s.index, "delta": {"content": text} if text else {}, "logprobs": lps,
-                "finish_reason": s.finish_reason}
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if s.tools is not None:  # tool calls leave as OpenAI's deltas; the text around them as content
+            content, calls = s.tools.delta(text, s.finish_reason is not None)
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = calls
+            return {"index": s.index, "delta": delta, "logprobs": lps,
+                    "finish_reason": tool_finish_reason(s.tools, s.tools.called, s.finish_reason)}
+        return {"index": s.index, "delta": delta, "logprobs": lps, "finish_reason": s.finish_reason}
     return {"index": s.index, "text": text, "logprobs": lps, "finish_reason": s.finish_reason,
             "stop_reason": s.stop_reason}
 
@@ -491,9 +533,14 @@ def _chunk_choice(s: ChoiceState, text: str, chat: bool, tok: Any) -> dict[str, 
 def _final_choice(s: ChoiceState, obj: str, tok: Any) -> dict[str, Any]:
     text = "".join(s.text)
     if obj == "chat.completion":
-        return {"index": s.index, "message": {"role": "assistant", "content": text},
-                "logprobs": _logprobs(s, True, tok, 0), "finish_reason": s.finish_reason,
-                "stop_reason": s.stop_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = s.finish_reason
+        if s.tools is not None:
+            content, calls = s.tools.final(text)
+            message = {"role": "assistant", "content": content, "tool_calls": calls or []}
+            reason = tool_finish_reason(s.tools, bool(calls), reason)
+        return {"index": s.index, "message": message, "logprobs": _logprobs(s, True, tok, 0),
+                "finish_reason": reason, "stop_reason": s.stop_reason}
     return {"index": s.index, "text": text, "logprobs": _logprobs(s, False, tok, 0),
             "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
 

@@ -221,6 +221,6 @@ def _required_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
     return None, [ParsedCall(i["name"], json.dumps(i.get("parameters", {}), ensure_ascii=False)) for i in items]
 
 
-def finish_reason(tools: ToolOutput | None, called: bool, reason: str | None) -> str | None:
+def tool_finish_reason(tools: ToolOutput | None, called: bool, reason: str | None) -> str | None:
     """`tool_calls` for a choice the engine stopped after it made calls."""
     return "tool_calls" if tools is not None and called and reason == "stop" else reason
