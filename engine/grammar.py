@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidParam
+from engine.logits_processing import LogitsPipeline
 from engine.sequence import Sequence
 from engine.structured import GrammarSpec
 
@@ -205,3 +207,24 @@ def grammar_of(seq: Sequence) -> GrammarProcessor | None:
     if pipe is None:
         return None
     return next((p for p in pipe.processors if isinstance(p, GrammarProcessor)), None)
+
+
+_CACHES: weakref.WeakKeyDictionary[Any, GrammarCompilerCache] = weakref.WeakKeyDictionary()
+
+
+def attach_grammar(seq: Sequence, tokenizer: Any, vocab_size: int, stop_token_ids: Seq[int]) -> None:
+    """Give a constrained sequence (`seq.params.structured` set) its GrammarProcessor, last in its pipeline (after
+    the other controls, so a grammar-allowed token is what is left). The compiled grammar comes deserialized from
+    the server's compile, cached per tokenizer by the spec."""
+    spec = seq.params.structured
+    assert spec is not None
+    if tokenizer is None:
+        raise InvalidParam(spec.field, f"{spec.field} needs the model's tokenizer, and this model ships none")
+    cache = _CACHES.get(tokenizer)
+    if cache is None or cache.vocab_size != vocab_size:
+        cache = _CACHES[tokenizer] = GrammarCompilerCache(tokenizer, vocab_size)  # as the server's compile
+    proc = GrammarProcessor(cache.load(spec), vocab_size, stop_token_ids)
+    if seq.logits_pipeline is None:
+        seq.logits_pipeline = LogitsPipeline([proc])
+    else:
+        seq.logits_pipeline.processors.append(proc)
