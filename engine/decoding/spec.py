@@ -37,6 +37,7 @@ from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.diffusion import commit_count
 from engine.decoding.modes import SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.grammar import GrammarProcessor, grammar_of
 from engine.logits_processing import committed_prefixes, process
 from engine.sampling import (
     exclude,
@@ -152,6 +153,20 @@ class SelfSpec(Decoder):
         for j in order:
             st.block[masked[j]] = int(x0[j])
         st.drafted = n == len(masked)
+        if st.drafted and (grammar := grammar_of(seq)) is not None:
+            self._cut(st, seq, grammar)
+
+    @staticmethod
+    def _cut(st: SpecState, seq: Sequence, grammar: GrammarProcessor) -> None:
+        """A constrained draft ends at the first token its grammar refuses, or after a stop id that ends the
+        grammar: the verify would reject it there (its row masks it out) and no row after it is ever used. Drafts
+        drawn one by one under the grammar (one-shot) are never refused: only tokens after a stop go, which the
+        sequence never reaches, so speculative sampling with their q rows stays exact."""
+        keep = grammar.first_refused(seq, st.block[1:])
+        if keep < len(st.block) - 1:
+            del st.block[1 + keep:]
+            if st.q is not None:
+                st.q = st.q[:keep]
 
     def _pick(self, st: SpecState, seq: Sequence, rows: torch.Tensor,
               masked: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
