@@ -42,6 +42,12 @@ class LogitsPipeline:
 
     processors: list[LogitsProcessor] = field(default_factory=list)
 
+    @property
+    def ordered(self) -> bool:
+        """Whether a processor needs every row's exact left context (its attribute `needs_order`): then diffusion
+        commits a block left to right, each position after the tokens to its left."""
+        return any(getattr(p, "needs_order", False) for p in self.processors)
+
     def apply(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
         assert len(prefixes) == logits.shape[0], "one prefix per row"
         out = logits.float().clone()
@@ -97,6 +103,7 @@ class BadWords:
     def __init__(self, words: Seq[tuple[int, ...]]) -> None:
         self.always = sorted({w[0] for w in words if len(w) == 1})
         self.longer = [w for w in words if len(w) > 1]
+        self.needs_order = bool(self.longer)  # a word spans positions: diffusion must see what precedes a row
 
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
         if self.always:

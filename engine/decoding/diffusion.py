@@ -63,13 +63,16 @@ class BlockDiffusion(Decoder):
         p = seq.params
         block = st.block
         masked = [i for i, t in enumerate(block) if t == ctx.mask_id and i > 0]
-        rows = logits[masked]  # rows of masked positions, each after the committed run to its left
-        if seq.logits_pipeline is not None:
-            rows = process(rows, seq, committed_prefixes(block, masked, ctx.mask_id))
-        x0, conf = denoise_pick(rows, p, seq.generator, ctx.mask_id)
-        confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
-        n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
-        order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
+        if seq.logits_pipeline is not None and seq.logits_pipeline.ordered:
+            x0, order = self._pick_left_to_right(st, seq, logits, masked, ctx)
+        else:
+            rows = logits[masked]  # rows of masked positions, each after the committed run to its left
+            if seq.logits_pipeline is not None:
+                rows = process(rows, seq, committed_prefixes(block, masked, ctx.mask_id))
+            x0, conf = denoise_pick(rows, p, seq.generator, ctx.mask_id)
+            confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
+            n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
+            order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
         for j in order:
             block[masked[j]] = int(x0[j])
         if p.logprobs is not None:
@@ -86,6 +89,28 @@ class BlockDiffusion(Decoder):
             st.resolved = True
             return self._emit(st, len(block), p.logprobs is not None)
         return Outcome([])
+
+    @staticmethod
+    def _pick_left_to_right(st: DiffusionState, seq: Sequence, logits: torch.Tensor, masked: list[int],
+                            ctx: DecoderContext) -> tuple[torch.Tensor, list[int]]:
+        """Commits for a pipeline whose processors need each row's exact left context (multi-token bad words, a
+        grammar): the leftmost masked positions, in order, each picked after the tokens to its left (committed
+        before, or just now). As many as the schedule needs, and more while each next one is confident; still one
+        denoise forward per step. (x0 per masked index, the indices committed)."""
+        p = seq.params
+        need = -(-len(masked) // max(p.steps - st.steps_done, 1))
+        x0 = torch.zeros(len(masked), dtype=torch.long)
+        order: list[int] = []
+        for j, pos in enumerate(masked):  # every position left of masked[0] is committed (commits go in order)
+            prefix = tuple(st.block[1:pos])
+            tok, conf = denoise_pick(process(logits[pos:pos + 1], seq, [prefix]), p, seq.generator, ctx.mask_id)
+            if order and len(order) >= need and not (p.threshold is not None and p.threshold < 1.0
+                                                     and float(conf[0]) >= p.threshold):
+                break
+            x0[j] = tok[0]
+            st.block[pos] = int(tok[0])
+            order.append(j)
+        return x0, order
 
     def reset_for_recompute(self, seq: Sequence) -> bool:
         # a resolved block was emitted before its commit forward ran: the recompute covers all of it, and its last
