@@ -164,8 +164,14 @@ class GrammarProcessor:
             n += 1
         return n
 
-    def _mask_row(self, row: torch.Tensor) -> None:
+    def _mask_row(self, row: torch.Tensor, seq: Sequence) -> None:
         self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not bool(self.bitmask.any()):
+            # the vocabulary cannot continue the grammar here (e.g. it lacks a character the grammar needs): the
+            # row stays as it is rather than all -inf (NaN under sampling), and the request is unconstrained now
+            self.broken = True
+            log.warning("request %s: no token of the vocabulary continues its grammar", seq.request_id)
+            return
         self._xgr.apply_token_bitmask_inplace(row, self.bitmask.to(row.device), vocab_size=self.vocab_size)
 
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
@@ -183,8 +189,8 @@ class GrammarProcessor:
             rest = prefix[common:]
             n = self._advance(rest)
             path.extend(rest[:n])
-            if n == len(rest) and not self.matcher.is_terminated():
-                self._mask_row(logits[i:i + 1])
+            if n == len(rest) and not self.matcher.is_terminated() and not self.broken:
+                self._mask_row(logits[i:i + 1], seq)
         if path:
             self.matcher.rollback(len(path))
         return logits

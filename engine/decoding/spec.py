@@ -167,6 +167,8 @@ class SelfSpec(Decoder):
             del st.block[1 + keep:]
             if st.q is not None:
                 st.q = st.q[:keep]
+            if st.noise is not None:  # keyed rounds: one noise row per block position
+                st.noise = st.noise[:keep + 1]
 
     def _pick(self, st: SpecState, seq: Sequence, rows: torch.Tensor,
               masked: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
