@@ -74,12 +74,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: int, mask_id: int | None) -> list[Logprob]:
     """Per row of logits [N, V]: the logprob of tokens[i] and the `num_top` most likely (id, logprob)."""
     logp = exclude(logits, mask_id).log_softmax(-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
+    chosen_t = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])
+    ranks = ((logp > chosen_t).sum(-1) + 1).tolist()
+    chosen = chosen_t.squeeze(-1).tolist()
     if num_top == 0:
-        return [Logprob(lp, ()) for lp in chosen]
+        return [Logprob(lp, (), r) for lp, r in zip(chosen, ranks)]
     top = torch.topk(logp, min(num_top, logp.shape[-1]), dim=-1)
-    return [Logprob(lp, tuple(zip(ids, vals))) for lp, ids, vals in zip(chosen, top.indices.tolist(),
-                                                                         top.values.tolist())]
+    return [Logprob(lp, tuple(zip(ids, vals)), r) for lp, ids, vals, r in zip(chosen, top.indices.tolist(),
+                                                                               top.values.tolist(), ranks)]
 
 
 def denoise_pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

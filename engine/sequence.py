@@ -124,6 +124,7 @@ class Logprob:
 
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens are more likely (vLLM's prompt_logprobs report it)
 
 
 class SequenceStatus(Enum):

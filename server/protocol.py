@@ -115,7 +115,20 @@ class SamplingFields(RequestBody):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Any] | None = None  # refused unless empty; typed values would cost one error each
+    logit_bias: dict[str, Any] | None = None  # token id (text) -> bias; values checked when mapped (typed values
+    # would cost one error each)
+    # vLLM's sampling params and extensions (server.request_fields lists every field's status)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    allowed_token_ids: Ints | None = None
+    bad_words: Strs | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
     timeout: float | None = Field(None, gt=0, description="trimode: per-request deadline in seconds")
     mode: str | None = Field(None, description="trimode: ar | diffusion | self_spec | auto (default from the config)")
     steps: int | None = Field(None, ge=1, description="trimode: diffusion refinement steps per block")
@@ -130,6 +143,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    add_special_tokens: bool = True
 
 
 class TextPart(OpenAIModel):
@@ -155,6 +169,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool = False  # prepend the last message's content when it is the assistant's (vLLM)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
 
 
 class TokenizeRequest(RequestBody):
