@@ -60,9 +60,9 @@ class HermesToolParser(ToolParser):
                 break
             rest = rest[end + len(CLOSE):]
         text_out = "".join(content)
-        if calls:
-            text_out = text_out.strip()
-        return (text_out or None), calls
+        if not calls:
+            return text_out, calls
+        return text_out.strip() or None, calls  # around calls, only real text is content
 
     def feed(self, delta: str) -> StreamEvent:
         self._buf += delta
