@@ -142,3 +142,35 @@ def test_compiled_grammars_are_cached(ckpt) -> None:
     for pattern in ("c", "d", "e"):  # the LRU keeps max_entries
         asyncio.run(so.compiled(GrammarSpec("regex", pattern)))
     assert len(so.compiler._cache) == 2 and len(so._serialized) == 2
+
+
+def test_grammar_crosses_the_process_boundary(shared_engine, ckpt) -> None:
+    """The engine process receives SamplingParams pickled (server.engine_process's pipe): the spec carries the
+    server's serialized compile, which the engine deserializes instead of compiling, with the same output."""
+    import asyncio
+    import pickle
+
+    from engine.grammar import _CACHES
+    from engine.sequence import SamplingParams
+    from engine.structured import GrammarSpec
+    from server.structured_outputs import StructuredOutputs
+
+    so = StructuredOutputs(shared_engine.tokenizer, shared_engine.model_config.vocab_size)
+    spec = asyncio.run(so.compiled(GrammarSpec("json", json.dumps(SCHEMA), "guided_json")))
+    assert spec.compiled
+    prompt = shared_engine.tokenizer.encode("Well, ")
+    outs = []
+    for i, s in enumerate((spec, GrammarSpec(spec.kind, spec.source, spec.field))):  # shipped, then compiled here
+        _CACHES.clear()  # the engine's grammars: deserialized (first) or compiled (second) afresh
+        params = pickle.loads(pickle.dumps(SamplingParams(max_tokens=48, mode="self_spec", structured=s)))
+        assert params.structured.compiled == s.compiled
+        shared_engine.add_request(f"boundary-{i}", prompt, params)
+        tokens, reason = [], None
+        while shared_engine.has_unfinished():
+            for out in shared_engine.step():
+                tokens += out.new_token_ids
+                reason = out.finish_reason or reason
+        assert reason == "stop"
+        outs.append(shared_engine.tokenizer.decode(tokens, skip_special_tokens=True))
+    jsonschema.validate(json.loads(outs[0]), SCHEMA)
+    assert outs[0] == outs[1]
