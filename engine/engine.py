@@ -116,7 +116,7 @@ class Engine:
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, frozenset(stop),
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time, generator=gen)
-        seq.logits_pipeline = build_pipeline(params, stop_ids=sorted(stop))
+        seq.logits_pipeline = build_pipeline(params, stop_ids=sorted(stop), mask_id=self.mask_token_id)
         if params.structured is not None:
             attach_grammar(seq, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.seqs[request_id] = seq

@@ -20,6 +20,7 @@ constraints (e.g. a grammar) append theirs to `LogitsPipeline.processors`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,6 +30,7 @@ import torch
 from engine.sequence import SamplingParams, Sequence
 
 NEG_INF = float("-inf")
+log = logging.getLogger("trimode.engine")
 
 
 class LogitsProcessor(Protocol):
@@ -41,6 +43,8 @@ class LogitsPipeline:
     """A sequence's processors, applied in order."""
 
     processors: list[LogitsProcessor] = field(default_factory=list)
+    mask_id: int | None = None  # never chosen: a row whose only finite logit is the mask's is empty
+    warned: bool = False
 
     @property
     def ordered(self) -> bool:
@@ -53,6 +57,18 @@ class LogitsPipeline:
         out = logits.float().clone()
         for proc in self.processors:
             out = proc(out, seq, prefixes)
+        alive = torch.isfinite(out)
+        if self.mask_id is not None:
+            alive[:, self.mask_id] = False
+        empty = ~alive.any(-1)
+        if bool(empty.any()):
+            # the controls together leave nothing possible (e.g. allowed_token_ids that a bad word or min_tokens
+            # bans): those rows fall back to the model's own, and the log says so once per request
+            out[empty] = logits[empty].float()
+            if not self.warned:
+                self.warned = True
+                log.warning("request %s: its sampling controls leave no token possible; such rows are unconstrained",
+                            seq.request_id)
         return out
 
 
@@ -176,9 +192,9 @@ class Penalties:
         return logits
 
 
-def build_pipeline(params: SamplingParams, *, stop_ids: Seq[int]) -> LogitsPipeline | None:
+def build_pipeline(params: SamplingParams, *, stop_ids: Seq[int], mask_id: int | None = None) -> LogitsPipeline | None:
     """The processors `params` asks for (None when it asks for none). `stop_ids`: the sequence's stop set (EOS
-    unless ignore_eos, and stop_token_ids), which min_tokens holds back."""
+    unless ignore_eos, and stop_token_ids), which min_tokens holds back; `mask_id`: the id no row may choose."""
     procs: list[LogitsProcessor] = []
     if params.allowed_token_ids is not None:
         procs.append(AllowedTokens(params.allowed_token_ids))
@@ -190,4 +206,4 @@ def build_pipeline(params: SamplingParams, *, stop_ids: Seq[int]) -> LogitsPipel
         procs.append(LogitBias(params.logit_bias))
     if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0:
         procs.append(Penalties(params.presence_penalty, params.frequency_penalty, params.repetition_penalty))
-    return LogitsPipeline(procs) if procs else None
+    return LogitsPipeline(procs, mask_id) if procs else None

@@ -41,7 +41,7 @@ class SamplingParams:
     # sampling controls (engine.logits_processing applies them at every token choice, in every mode)
     presence_penalty: float = 0.0  # [-2, 2], over output tokens
     frequency_penalty: float = 0.0  # [-2, 2], over output tokens
-    repetition_penalty: float = 1.0  # > 0, over prompt and output tokens (1 = off)
+    repetition_penalty: float = 1.0  # [0.01, 100], over prompt and output tokens (1 = off)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     min_tokens: int = 0  # stop ids held back until this many tokens were emitted (<= max_tokens)
     min_p: float = 0.0  # [0, 1]: drop tokens below min_p * the top token's probability (T > 0)
@@ -82,9 +82,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise InvalidParam(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not 0 < self.repetition_penalty < float("inf"):
+        # bounded so that logit / penalty stays finite (5e-324 made every seen token's logit inf, and softmax NaN)
+        if not 0.01 <= self.repetition_penalty <= 100.0:
             raise InvalidParam("repetition_penalty",
-                               f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+                               f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidParam("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:

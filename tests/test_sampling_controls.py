@@ -87,7 +87,8 @@ def test_a_plain_request_has_no_pipeline_and_pays_nothing():
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3.0}, "frequency_penalty"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
     ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
     ({"allowed_token_ids": ()}, "allowed_token_ids"), ({"bad_words_token_ids": ((),)}, "bad_words"),
 ])
@@ -224,3 +225,16 @@ def test_penalties_change_sampled_output_in_every_mode(tiny_llm, mode):
                                                       presence_penalty=2.0, repetition_penalty=3.0))
     for o in penal:
         assert o.token_ids.count(44) <= 2
+
+
+@pytest.mark.parametrize("kwargs", [{"allowed_token_ids": (EOS_ID,), "min_tokens": 2},
+                                    {"allowed_token_ids": (MASK_ID,)},
+                                    {"allowed_token_ids": (20,), "bad_words_token_ids": ((20, 20),)}])
+@pytest.mark.parametrize("mode", MODES)
+def test_controls_that_leave_nothing_possible_fall_back_to_the_model_rows(tiny_llm, mode, kwargs, caplog):
+    """No NaN, no crash: an emptied row is the model's own, and the request's log says so once."""
+    caplog.set_level("WARNING", logger="trimode.engine")
+    out = tiny_llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, mode=mode, temperature=1.0, seed=1,
+                                                        **kwargs))[0]
+    assert out.token_ids and MASK_ID not in out.token_ids
+    assert sum("leave no token possible" in r.getMessage() for r in caplog.records) == 1

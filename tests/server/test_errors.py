@@ -38,7 +38,7 @@ BAD = [  # (path, body, status, param)
     (C, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     (C, {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     (C, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    (C, {"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    (C, {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     (C, {"prompt": "x", "mode": "turbo"}, 400, "mode"),
     (C, {"prompt": "x", "mode": "diffusion", "steps": 0}, 400, "steps"),
     (C, {"prompt": "x", "mode": "diffusion", "steps": 9, "block_length": 8}, 400, "steps"),

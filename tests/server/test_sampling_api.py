@@ -96,7 +96,8 @@ def test_allowed_token_ids_and_bad_words_hold(client, model, tid, mode):
     ({"allowed_token_ids": [5, 1000]}, "allowed_token_ids"), ({"logit_bias": {"5000": 1}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"5": "big"}}, "logit_bias"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 2}, "min_p"), ({"bad_words": [" "]}, "bad_words"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ({"min_p": 2}, "min_p"), ({"bad_words": [" "]}, "bad_words"),
 ])
 def test_bad_control_values_are_400_naming_the_field(server, body, param):
     for path, base in (("completions", {"prompt": "Hi"}), ("chat/completions",
