@@ -26,14 +26,19 @@ def logit_bias(raw: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
     if len(raw) > MAX_LOGIT_BIAS:
         raise InvalidParam("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(raw)}")
     out = []
+    bad_keys = []
     for key, value in raw.items():
         try:
             tid = int(key)
         except ValueError:
-            raise InvalidParam("logit_bias", f"logit_bias keys must be token ids, got {key[:50]!r}") from None
+            bad_keys.append(key[:50])
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidParam("logit_bias", f"logit_bias values must be numbers, got {str(value)[:50]!r} for {tid}")
         out.append((tid, float(value)))
+    if bad_keys:  # every bad key at once (a client fixes them in one go), a handful at most
+        shown = ", ".join(repr(k) for k in bad_keys[:10]) + (", ..." if len(bad_keys) > 10 else "")
+        raise InvalidParam("logit_bias", f"logit_bias keys must be token ids, got {shown}")
     return tuple(out)
 
 

@@ -100,6 +100,8 @@ def test_allowed_token_ids_and_bad_words_hold(client, model, tid, mode):
     ({"min_p": 2}, "min_p"), ({"bad_words": [" "]}, "bad_words"),
 ])
 def test_bad_control_values_are_400_naming_the_field(server, body, param):
+    """As vLLM's own validation tests: the message names what is wrong (ids with the vocabulary size, every bad
+    key), and the last id of the vocabulary is fine."""
     for path, base in (("completions", {"prompt": "Hi"}), ("chat/completions",
                                                             {"messages": [{"role": "user", "content": "Hi"}]})):
         r = httpx.post(f"{server}/v1/{path}", json={**base, "max_tokens": 4, **body})
@@ -271,3 +273,14 @@ def test_content_part_arrays_in_every_role(server):
     assert a.status_code == b.status_code == 200
     assert a.json()["usage"] == b.json()["usage"]
     assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+
+
+def test_token_id_errors_say_what_and_the_vocabulary_edge_is_fine(server):
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for field, value in (("stop_token_ids", [97]), ("logit_bias", {"97": 1.0})):
+        r = httpx.post(f"{server}/v1/chat/completions", json={**chat, field: value})
+        assert r.status_code == 400 and "97" in r.json()["error"]["message"] and "96" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/chat/completions", json={**chat, "logit_bias": {"bad1": 50.0, "bad2": 20.0}})
+    assert r.status_code == 400 and "bad1" in r.text and "bad2" in r.text
+    ok = httpx.post(f"{server}/v1/chat/completions", json={**chat, "stop_token_ids": [95], "logit_bias": {"95": 1}})
+    assert ok.status_code == 200
