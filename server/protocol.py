@@ -125,6 +125,7 @@ class SamplingFields(RequestBody):
     bad_words: Strs | None = None
     prompt_logprobs: int | None = Field(None, ge=0)
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    truncation_side: Literal["left", "right"] | None = None  # which end truncate_prompt_tokens cuts (default left)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     return_token_ids: bool | None = None

@@ -47,7 +47,8 @@ _COMMON: dict[str, FieldStatus] = {
     # vLLM sampling params
     "top_k": _yes(), "min_p": _yes(), "repetition_penalty": _yes(), "stop_token_ids": _yes(),
     "include_stop_str_in_output": _yes(), "ignore_eos": _yes(), "min_tokens": _yes(), "skip_special_tokens": _yes(),
-    "spaces_between_special_tokens": _yes(), "truncate_prompt_tokens": _yes(), "allowed_token_ids": _yes(),
+    "spaces_between_special_tokens": _yes(), "truncate_prompt_tokens": _yes(), "truncation_side": _yes(),
+    "allowed_token_ids": _yes(),
     "prompt_logprobs": _yes("not with stream"), "bad_words": _yes(), "echo": _yes(),
     "use_beam_search": _no(False, "beam search is not implemented"), "length_penalty": _no(1.0, "beam search only"),
     # vLLM extra params

@@ -3,7 +3,7 @@
 `control_kwargs` maps the penalties, `logit_bias`, `min_tokens`, `min_p`, `allowed_token_ids` and `bad_words` onto
 SamplingParams (bad words become token sequences, both as written and after a space, as vLLM tokenizes them);
 `prompt_logprobs_field` renders vLLM's `prompt_logprobs` (per prompt token: null for the first, else token id ->
-{logprob, rank, decoded_token}); `truncate` keeps a prompt's last `truncate_prompt_tokens` tokens.
+{logprob, rank, decoded_token}); `truncate` keeps a prompt's last (or first) `truncate_prompt_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ def control_kwargs(req: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def truncate(ids: list[int], keep: int | None) -> list[int]:
-    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (all of a shorter prompt)."""
-    return ids if keep is None or len(ids) <= keep else ids[-keep:]
+def truncate(ids: list[int], keep: int | None, side: str | None = None) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (its first with `truncation_side`
+    "right"; all of a shorter prompt)."""
+    if keep is None or len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 def prompt_logprobs_field(tokenizer: Any, prompt_ids: list[int],

@@ -275,8 +275,8 @@ class Serving:
             raise APIError(400, "best_of is not supported", "best_of")
         prompts = await self._completion_prompts(req.prompt, req.add_special_tokens)
         if req.truncate_prompt_tokens is not None:  # the echo shows what the model saw
-            prompts = [(kept, text if kept is ids else None)
-                       for ids, text in prompts for kept in [truncate(ids, req.truncate_prompt_tokens)]]
+            cut = [(truncate(ids, req.truncate_prompt_tokens, req.truncation_side), ids, text) for ids, text in prompts]
+            prompts = [(kept, text if kept is ids else None) for kept, ids, text in cut]
         prompt_lps = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs if req.echo else None
         base = self._params(req, req.max_tokens, req.logprobs, prompt_lps)
         base = await self._constrained(base, self._spec(req))
@@ -317,7 +317,7 @@ class Serving:
                                   add_generation_prompt=req.add_generation_prompt,
                                   continue_final_message=req.continue_final_message,
                                   template_kwargs=req.chat_template_kwargs, add_special_tokens=req.add_special_tokens)
-        ids = truncate(ids, req.truncate_prompt_tokens)
+        ids = truncate(ids, req.truncate_prompt_tokens, req.truncation_side)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._fit(ids, self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                              req.prompt_logprobs), max_tokens is None, "messages")

@@ -207,6 +207,11 @@ def test_return_tokens_as_token_ids(client, model):
 def test_truncate_prompt_tokens_keeps_the_last_tokens(client, model):
     out = _complete(client, model, prompt="Hello world", max_tokens=2, truncate_prompt_tokens=3, echo=True)
     assert out.usage.prompt_tokens == 3 and out.choices[0].text.startswith("rld")
+    ids = list(range(10, 18))
+    for side, kept in (("left", ids[-4:]), ("right", ids[:4])):
+        out = _complete(client, model, prompt=ids, max_tokens=1, truncate_prompt_tokens=4, truncation_side=side,
+                        return_token_ids=True)
+        assert out.choices[0].model_extra["prompt_token_ids"] == kept
 
 
 def test_special_tokens_in_the_text_when_not_skipped(client, model):
