@@ -14,8 +14,10 @@ min_tokens, logit_bias, then the penalties); temperature, min_p, top-k and top-p
 Logprobs are reported from the raw rows (vLLM's default), never from processed ones.
 
 A processor is any callable `(logits [N, V] fp32, seq, prefixes) -> logits`; it may modify its input in place
-(the pipeline hands it a private copy). `build_pipeline` makes the list from a request's SamplingParams; other
-constraints (e.g. a grammar) append theirs to `LogitsPipeline.processors`.
+(the pipeline hands it a private copy). One that can ban every token of a row (the default assumption; attribute
+`can_empty = False` says it cannot) makes the pipeline check for rows left empty: those fall back to the model's
+row, logged once per request, rather than sample from NaN. `build_pipeline` makes the list from a request's
+SamplingParams; other constraints (e.g. a grammar) append theirs to `LogitsPipeline.processors`.
 """
 
 from __future__ import annotations
@@ -57,10 +59,16 @@ class LogitsPipeline:
         out = logits.float().clone()
         for proc in self.processors:
             out = proc(out, seq, prefixes)
-        alive = torch.isfinite(out)
+        if not any(getattr(p, "can_empty", True) for p in self.processors):
+            return out
+        # a row is empty when its best logit, the mask's aside, is -inf (max: isfinite().any() cost 5x more)
+        saved = None
         if self.mask_id is not None:
-            alive[:, self.mask_id] = False
-        empty = ~alive.any(-1)
+            saved = out[:, self.mask_id].clone()
+            out[:, self.mask_id] = NEG_INF
+        empty = out.max(-1).values == NEG_INF
+        if saved is not None:
+            out[:, self.mask_id] = saved
         if bool(empty.any()):
             # the controls together leave nothing possible (e.g. allowed_token_ids that a bad word or min_tokens
             # bans): those rows fall back to the model's own, and the log says so once per request
@@ -155,6 +163,8 @@ class MinTokens:
 class LogitBias:
     """`logit_bias`: token id -> a number added to its logit."""
 
+    can_empty = False  # bounded biases leave every finite logit finite
+
     def __init__(self, bias: Seq[tuple[int, float]]) -> None:
         self.ids = torch.tensor([t for t, _ in bias], dtype=torch.long)
         self.values = torch.tensor([b for _, b in bias], dtype=torch.float32)
@@ -168,27 +178,31 @@ class Penalties:
     """vLLM's penalties. repetition r over prompt and output tokens: a positive logit divided by r, a negative one
     multiplied by r; frequency f and presence e over output tokens: logit -= f * count + e * (count > 0)."""
 
+    can_empty = False  # bounded penalties leave every finite logit finite
+
     def __init__(self, presence: float, frequency: float, repetition: float) -> None:
         self.presence, self.frequency, self.repetition = presence, frequency, repetition
 
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
-        n, vocab = logits.shape
-        out_ids = torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long)
-        counts = torch.bincount(out_ids, minlength=vocab)[:vocab].float().expand(n, vocab).clone()
+        # sparse: only the (row, token) pairs that occur are touched, never a [N, V] count table (which cost
+        # 1.5 ms per row at a 49k vocabulary)
+        vocab = logits.shape[1]
+        out_ids = seq.token_ids[seq.num_prompt_tokens:]
+        rows, toks = [], []
         for i, prefix in enumerate(prefixes):
-            if prefix:
-                counts[i] += torch.bincount(torch.tensor(prefix, dtype=torch.long), minlength=vocab)[:vocab]
-        counts = counts.to(logits.device)
+            rows.append(torch.full((len(out_ids) + len(prefix),), i, dtype=torch.long))
+            toks.append(torch.tensor(out_ids + list(prefix), dtype=torch.long))
+        keys, counts = torch.unique(torch.cat(rows) * vocab + torch.cat(toks), return_counts=True)
         if self.repetition != 1.0:
-            seen = counts > 0
-            prompt = torch.tensor(seq.token_ids[:seq.num_prompt_tokens], dtype=torch.long, device=logits.device)
-            seen[:, prompt] = True
-            scaled = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
-            logits = torch.where(seen, scaled, logits)
-        if self.frequency != 0.0:
-            logits -= self.frequency * counts
-        if self.presence != 0.0:
-            logits -= self.presence * (counts > 0).float()
+            prompt = torch.unique(torch.tensor(seq.token_ids[:seq.num_prompt_tokens], dtype=torch.long))
+            prompt_keys = (torch.arange(len(prefixes))[:, None] * vocab + prompt[None, :]).flatten()
+            seen = torch.unique(torch.cat([keys, prompt_keys]))
+            r, c = (seen // vocab).to(logits.device), (seen % vocab).to(logits.device)
+            vals = logits[r, c]
+            logits[r, c] = torch.where(vals > 0, vals / self.repetition, vals * self.repetition)
+        if (self.frequency != 0.0 or self.presence != 0.0) and len(keys):
+            r, c = (keys // vocab).to(logits.device), (keys % vocab).to(logits.device)
+            logits[r, c] -= self.frequency * counts.to(logits.device, torch.float32) + self.presence
         return logits
 
 
