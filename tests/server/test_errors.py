@@ -53,8 +53,8 @@ BAD = [  # (path, body, status, param)
     (CH, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
     (CH, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (CH, {"messages": MSG, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
-    (CH, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    (CH, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CH, {"messages": MSG, "tools": [{"type": "function", "function": {}}]}, 400, "tools"),  # no name
+    (CH, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format"),
     (CH, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     (CH, {"messages": MSG, "max_tokens": 100_000}, 400, "input_tokens"),
     (CH, {"messages": MSG, "model": "gpt-4"}, 404, "model"),
