@@ -122,18 +122,15 @@ class StructuredOutputs:
         self._serialized: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.max_entries = max_entries
 
-    def _compile(self, spec: GrammarSpec) -> str:
-        text = self.compiler.serialized(spec)
-        self._serialized[spec.key] = text
-        while len(self._serialized) > self.max_entries:
-            self._serialized.popitem(last=False)
-        return text
-
     async def compiled(self, spec: GrammarSpec) -> GrammarSpec:
-        """`spec` with its compiled grammar; InvalidParam naming the field when it does not compile."""
+        """`spec` with its compiled grammar; InvalidParam naming the field when it does not compile. The LRU of
+        serialized grammars is touched only here, on the event loop; the worker thread only compiles."""
         text = self._serialized.get(spec.key)
         if text is None:
-            text = await asyncio.to_thread(self._compile, spec)
+            text = await asyncio.to_thread(self.compiler.serialized, spec)
+            self._serialized[spec.key] = text
+            while len(self._serialized) > self.max_entries:
+                self._serialized.popitem(last=False)
         else:
             self._serialized.move_to_end(spec.key)
         return replace(spec, compiled=text)
