@@ -81,14 +81,16 @@ class StopChecker:
         self.emitted = 0  # characters of `text` already handed out
         self.stop_reason: str | None = None
 
-    def push(self, delta: str, final: bool = False) -> tuple[str, bool]:
-        """Add decoded text; return (text to emit now, stopped). After a stop, further pushes emit nothing."""
+    def push(self, delta: str, final: bool = False, match: bool = True) -> tuple[str, bool]:
+        """Add decoded text; return (text to emit now, stopped). After a stop, further pushes emit nothing.
+        `match=False` (text of the first min_tokens tokens): no stop string is looked for in this push, though one
+        that starts in it and ends in a later push is found there."""
         if self.stop_reason is not None:
             return "", True
         start = max(0, len(self.text) - self.holdback)
         self.text += delta
         hit: tuple[int, str] | None = None
-        for s in self.stop:
+        for s in self.stop if match else ():
             pos = self.text.find(s, start)
             if pos >= 0 and (hit is None or pos < hit[0]):
                 hit = (pos, s)

@@ -158,6 +158,7 @@ class ChoiceState:
     output_ids: list[int] = field(default_factory=list)
     ids_sent: int = 0  # streaming: output ids already sent
     as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs tokens spelled token_id:ID
+    min_tokens: int = 0  # stop strings are looked for only after this many output tokens
     tools: ToolOutput | None = None  # chat with tools: the choice's calls, parsed from its text
 
     def consume(self, out: RequestOutput, gen: Generation) -> str:
@@ -172,10 +173,17 @@ class ChoiceState:
         if self.return_ids:
             self.output_ids.extend(out.new_token_ids)
         final = out.finish_reason is not None
-        delta = self.detok.add(out.new_token_ids) if self.detok is not None else ""
+        ids, early = out.new_token_ids, ""
+        # vLLM: stop strings are not looked for in the text of the first min_tokens tokens
+        held = min(len(ids), max(0, self.min_tokens - (out.num_output_tokens - len(ids))))
+        if held and self.detok is not None:
+            early, _ = self.stop.push(self.detok.add(ids[:held]), match=False)
+            ids = ids[held:]
+        delta = self.detok.add(ids) if self.detok is not None else ""
         if final and self.detok is not None:
             delta += self.detok.flush()
         emit, stopped = self.stop.push(delta, final=final)
+        emit = early + emit
         if stopped and self.stop.stop_reason is not None:
             self.finish_reason, self.stop_reason = "stop", self.stop.stop_reason
             if not final:
@@ -432,6 +440,7 @@ class Serving:
         s.want_prompt_logprobs = req.prompt_logprobs is not None
         s.return_ids = bool(req.return_token_ids)
         s.as_ids = bool(req.return_tokens_as_token_ids)
+        s.min_tokens = req.min_tokens
         return s
 
     # ---- running ------------------------------------------------------------------------------------------

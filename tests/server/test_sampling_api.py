@@ -289,3 +289,19 @@ def test_token_id_errors_say_what_and_the_vocabulary_edge_is_fine(server):
     assert r.status_code == 400 and "bad1" in r.text and "bad2" in r.text
     ok = httpx.post(f"{server}/v1/chat/completions", json={**chat, "stop_token_ids": [95], "logit_bias": {"95": 1}})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_wait_for_min_tokens(server, tid, stream):
+    """As vLLM: a stop string in the first min_tokens tokens' text does not end the choice."""
+    body = {"prompt": "Hi", "max_tokens": 8, "temperature": 0, "stop": ["a"], "logit_bias": {str(tid("a")): 100},
+            "ignore_eos": True, "stream": stream}
+    for min_tokens, text in ((0, ""), (3, "aaa")):
+        r = httpx.post(f"{server}/v1/completions", json={**body, "min_tokens": min_tokens})
+        if stream:
+            chunks = sse_json(r.content)
+            got = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            reason = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+        else:
+            got, reason = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+        assert got == text and reason == "stop"
