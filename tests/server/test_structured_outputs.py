@@ -174,3 +174,10 @@ def test_grammar_crosses_the_process_boundary(shared_engine, ckpt) -> None:
         outs.append(shared_engine.tokenizer.decode(tokens, skip_special_tokens=True))
     jsonschema.validate(json.loads(outs[0]), SCHEMA)
     assert outs[0] == outs[1]
+
+
+def test_ignore_eos_does_not_run_past_the_grammar(client: openai.OpenAI, model: str) -> None:
+    """Past a complete choice only EOS is allowed: the request stops there even under ignore_eos."""
+    r = client.completions.create(model=model, prompt="Say:", max_tokens=16, temperature=1.0, seed=1,
+                                  extra_body={"guided_choice": CHOICES, "ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text in CHOICES
