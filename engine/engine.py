@@ -23,7 +23,9 @@ from engine.decoding.auto import planner_for_engine
 from engine.decoding.base import DecoderContext, Outcome, emit_tokens
 from engine.decoding.registry import DECODERS
 from engine.forward import Forward, ForwardRequest
+from engine.grammar import attach_grammar
 from engine.kv_cache import BlockManager
+from engine.logits_processing import build_pipeline, process
 from engine.parallel.group import TensorParallelError
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
@@ -110,11 +112,16 @@ class Engine:
         assert params.mode is not None and params.block_length is not None, "params must be resolved by the policy"
         if request_id in self.seqs:
             raise ValueError(f"request_id '{request_id}' is already running")
-        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        # a grammar ends on EOS even under ignore_eos: past its end nothing is allowed but a stop id
+        keep_eos = not params.ignore_eos or params.structured is not None
+        stop = set(params.stop_token_ids) | (set(self.eos_token_ids) if keep_eos else set())
         gen = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, frozenset(stop),
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time, generator=gen)
+        seq.logits_pipeline = build_pipeline(params, stop_ids=sorted(stop), mask_id=self.mask_token_id)
+        if params.structured is not None:
+            attach_grammar(seq, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -196,7 +203,8 @@ class Engine:
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
         seq.sample_after_prefill = False
-        return emit_tokens(sample(rows[-1:], seq.params, seq.generator, self.mask_token_id), rows[-1:], seq,
+        chosen = sample(process(rows[-1:], seq), seq.params, seq.generator, self.mask_token_id)
+        return emit_tokens(chosen, rows[-1:], seq,
                            self.decoder_ctx, num_kv_kept=len(req.token_ids))
 
     @staticmethod

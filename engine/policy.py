@@ -67,6 +67,10 @@ class RequestPolicy:
         bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidParam("prompt", f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})")
+        for name, ids in params.token_id_fields().items():
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidParam(name, f"{name} contains token id {bad} outside the vocabulary [0, {vocab})")
         n, m = len(prompt_token_ids), params.max_tokens
         need = self._output_positions(params)
         if n + need > self.max_model_len:

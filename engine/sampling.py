@@ -37,7 +37,10 @@ def exclude(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    # logits [N, V] already divided by the temperature
+    # logits [N, V] already divided by the temperature; min_p first, as vLLM
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,7 +56,7 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, mask_id: int | None) -> torch.Tensor:
     """The distribution `sample` draws each row from at T > 0 ([N, V] fp32): softmax of the tempered logits after
-    top-k / top-p, the mask id excluded."""
+    min_p / top-k / top-p, the mask id excluded."""
     assert params.temperature > 0
     return _filter(exclude(logits, mask_id) / params.temperature, params).softmax(-1)
 
@@ -71,12 +74,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: int, mask_id: int | None) -> list[Logprob]:
     """Per row of logits [N, V]: the logprob of tokens[i] and the `num_top` most likely (id, logprob)."""
     logp = exclude(logits, mask_id).log_softmax(-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
+    chosen_t = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])
+    ranks = ((logp > chosen_t).sum(-1) + 1).tolist()
+    chosen = chosen_t.squeeze(-1).tolist()
     if num_top == 0:
-        return [Logprob(lp, ()) for lp in chosen]
+        return [Logprob(lp, (), r) for lp, r in zip(chosen, ranks)]
     top = torch.topk(logp, min(num_top, logp.shape[-1]), dim=-1)
-    return [Logprob(lp, tuple(zip(ids, vals))) for lp, ids, vals in zip(chosen, top.indices.tolist(),
-                                                                         top.values.tolist())]
+    return [Logprob(lp, tuple(zip(ids, vals)), r) for lp, ids, vals, r in zip(chosen, top.indices.tolist(),
+                                                                               top.values.tolist(), ranks)]
 
 
 def denoise_pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

@@ -15,6 +15,7 @@ from typing import Any
 from engine.decoding.modes import MODES
 from engine.errors import InvalidParam
 from engine.forward import Forward
+from engine.structured import GrammarSpec
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
@@ -38,9 +39,20 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (0..20); None = off
     # prefix caching: only requests with the same salt share cached KV blocks (vLLM's `cache_salt`); None = none
     cache_salt: str | None = None
+    structured: GrammarSpec | None = None  # a grammar every output token obeys (engine.grammar), compiled by the server
+    # sampling controls (engine.logits_processing applies them at every token choice, in every mode)
+    presence_penalty: float = 0.0  # [-2, 2], over output tokens
+    frequency_penalty: float = 0.0  # [-2, 2], over output tokens
+    repetition_penalty: float = 1.0  # [0.01, 100], over prompt and output tokens (1 = off)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    min_tokens: int = 0  # stop ids held back until this many tokens were emitted (<= max_tokens)
+    min_p: float = 0.0  # [0, 1]: drop tokens below min_p * the top token's probability (T > 0)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # token sequences that must not be produced
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._check_controls()
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidParam("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature < float("inf"):  # also rejects NaN
@@ -69,6 +81,42 @@ class SamplingParams:
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise InvalidParam("cache_salt", f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
 
+    def _check_controls(self) -> None:
+        """Ranges of the sampling controls (vLLM's); token ids against the vocabulary: `RequestPolicy`."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
+                raise InvalidParam(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        # bounded so that logit / penalty stays finite (5e-324 made every seen token's logit inf, and softmax NaN)
+        if not 0.01 <= self.repetition_penalty <= 100.0:
+            raise InvalidParam("repetition_penalty",
+                               f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParam("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidParam("min_tokens", f"min_tokens must be an integer between 0 and max_tokens "
+                               f"({self.max_tokens}), got {self.min_tokens!r}")
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        for t, b in bias:
+            if not -100.0 <= b <= 100.0:
+                raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {b} for token {t}")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.allowed_token_ids is not None:
+            allowed = tuple(int(t) for t in self.allowed_token_ids)
+            if not allowed:
+                raise InvalidParam("allowed_token_ids", "allowed_token_ids must not be empty")
+            object.__setattr__(self, "allowed_token_ids", allowed)
+        words = tuple(tuple(int(t) for t in w) for w in self.bad_words_token_ids)
+        if any(not w for w in words):
+            raise InvalidParam("bad_words", "bad_words must not contain an empty word")
+        object.__setattr__(self, "bad_words_token_ids", words)
+
+    def token_id_fields(self) -> dict[str, list[int]]:
+        """Every token id the request names, by the field to blame (checked against the vocabulary)."""
+        return {"stop_token_ids": list(self.stop_token_ids),
+                "logit_bias": [t for t, _ in self.logit_bias],
+                "allowed_token_ids": list(self.allowed_token_ids or ()),
+                "bad_words": [t for w in self.bad_words_token_ids for t in w]}
+
 
 @dataclass(frozen=True, slots=True)
 class Logprob:
@@ -81,6 +129,7 @@ class Logprob:
 
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens are more likely (vLLM's prompt_logprobs report it)
 
 
 class SequenceStatus(Enum):
@@ -115,6 +164,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_hashed_blocks: int = 0
     num_cached_tokens: int | None = None
+    logits_pipeline: Any = None  # engine.logits_processing.LogitsPipeline; None: the request sets no control
 
     @property
     def num_output_tokens(self) -> int:

@@ -58,6 +58,7 @@ class ServerConfig:
     log_level: str = "info"  # debug | info | warning | error | critical
     engine_process: bool = True  # run the engine in its own process (no GIL shared with HTTP); false = a thread
     engine_cpus: str | None = "auto"  # engine's CPUs: auto (CPU engine: own cores, HTTP the rest) | "1-3,6" | "none"
+    tool_call_parser: str = "hermes"  # how tool calls are found in output (server.tool_parsers.PARSERS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", resolve_api_key(self.api_key, self.api_key_file))  # ValueError names it
@@ -85,6 +86,7 @@ class ServerConfig:
             "max_connections": self.max_connections >= 1,
             "retry_after": self.retry_after >= 0,
             "log_level": self.log_level in LOG_LEVELS,
+            "tool_call_parser": self.tool_call_parser in _tool_parsers(),
         }
         if self.engine_cpus not in (None, "auto", "none"):
             parse_cpu_list(self.engine_cpus)  # ValueError naming engine_cpus
@@ -102,6 +104,12 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"server config: unknown key(s) {', '.join(unknown)}")
         return cls(**raw)
+
+
+def _tool_parsers() -> tuple[str, ...]:
+    from server.tool_parsers import PARSERS
+
+    return tuple(PARSERS)
 
 
 TABLES: dict[str, type] = {"engine": EngineConfig, "server": ServerConfig}

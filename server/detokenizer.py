@@ -19,14 +19,38 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, prompt_ids: list[int]) -> None:
+    """`skip_special_tokens` (vLLM's default True) drops special tokens from the text; when they are kept,
+    `spaces_between_special_tokens` (default True) sets each apart from its neighbours with a space, as
+    transformers' slow tokenizers define it (runs of ordinary tokens are decoded together)."""
+
+    def __init__(self, tokenizer: Decoder, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces = spaces_between_special_tokens
+        self._special: set[int] = set() if skip_special_tokens else set(getattr(tokenizer, "all_special_ids", ()))
+        # special tokens set apart: no prompt context (the output must not start with the space that would part it
+        # from the prompt's last token)
+        self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:]) if not self._special else []
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.skip_special_tokens or not self._special:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        parts: list[str] = []
+        run: list[int] = []
+        for t in ids:
+            if t in self._special:
+                if run:
+                    parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+                    run = []
+                parts.append(self.tokenizer.decode([t], skip_special_tokens=False))
+            else:
+                run.append(t)
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+        return (" " if self.spaces else "").join(p for p in parts if p)
 
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""
@@ -57,14 +81,16 @@ class StopChecker:
         self.emitted = 0  # characters of `text` already handed out
         self.stop_reason: str | None = None
 
-    def push(self, delta: str, final: bool = False) -> tuple[str, bool]:
-        """Add decoded text; return (text to emit now, stopped). After a stop, further pushes emit nothing."""
+    def push(self, delta: str, final: bool = False, match: bool = True) -> tuple[str, bool]:
+        """Add decoded text; return (text to emit now, stopped). After a stop, further pushes emit nothing.
+        `match=False` (text of the first min_tokens tokens): no stop string is looked for in this push, though one
+        that starts in it and ends in a later push is found there."""
         if self.stop_reason is not None:
             return "", True
         start = max(0, len(self.text) - self.holdback)
         self.text += delta
         hit: tuple[int, str] | None = None
-        for s in self.stop:
+        for s in self.stop if match else ():
             pos = self.text.find(s, start)
             if pos >= 0 and (hit is None or pos < hit[0]):
                 hit = (pos, s)

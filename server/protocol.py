@@ -116,7 +116,21 @@ class SamplingFields(RequestBody):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Any] | None = None  # refused unless empty; typed values would cost one error each
+    logit_bias: dict[str, Any] | None = None  # token id (text) -> bias; values checked when mapped (typed values
+    # would cost one error each)
+    # vLLM's sampling params and extensions (server.request_fields lists every field's status)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    allowed_token_ids: Ints | None = None
+    bad_words: Strs | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    truncation_side: Literal["left", "right"] | None = None  # which end truncate_prompt_tokens cuts (default left)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
     timeout: float | None = Field(None, gt=0, description="trimode: per-request deadline in seconds")
     cache_salt: str | None = Field(None, min_length=1, description="vLLM: only requests with the same salt share "
                                    "prefix-cached KV blocks")
@@ -133,6 +147,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    add_special_tokens: bool = True
 
 
 class TextPart(OpenAIModel):
@@ -141,9 +156,11 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart], FAIL_FAST] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -156,6 +173,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool = False  # prepend the last message's content when it is the assistant's (vLLM)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
 
 
 class TokenizeRequest(RequestBody):

@@ -31,6 +31,10 @@ from server.disconnect import race_disconnect, until_disconnect
 from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, error_body
+from server.request_fields import CHAT, COMPLETIONS, body_fields, check_fields
+from server.request_mapping import control_kwargs, prompt_logprobs_field, truncate
+from server.structured_outputs import GrammarSpec, StructuredOutputs, spec_of
+from server.tools import ToolOutput, plan, template_messages, tool_finish_reason
 
 SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (1e-300 would overflow the logits)
 LOOP_TOKENIZE_CHARS = 4096  # longer texts are tokenized in a worker thread
@@ -140,6 +144,15 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: the prompt's, until sent
     text_offset: int = 0  # completions logprobs: characters before the next token's text
     num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache for this choice
+    echo_logprobs: bool = False  # completions echo + logprobs: the prompt's logprobs lead the choice's
+    want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
+    prompt_lp_items: list[TokenLogprob] | None = None  # ... its entries, once the engine sent them
+    return_ids: bool = False  # vLLM's return_token_ids: output (and prompt) token ids in the response
+    output_ids: list[int] = field(default_factory=list)
+    ids_sent: int = 0  # streaming: output ids already sent
+    as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs tokens spelled token_id:ID
+    min_tokens: int = 0  # stop strings are looked for only after this many output tokens
+    tools: ToolOutput | None = None  # chat with tools: the choice's calls, parsed from its text
 
     def render_output(self, out: RequestOutput, gen: Generation) -> str:
         """Turn one engine output into emit-ready text; ends the choice on a stop string or engine finish."""
@@ -148,12 +161,23 @@ class ChoiceState:
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(zip(out.new_token_ids, out.logprobs))
         if out.prompt_logprobs is not None:
-            self.prompt_logprobs = list(zip(self.prompt_ids, out.prompt_logprobs))
+            items = list(zip(self.prompt_ids, out.prompt_logprobs))
+            self.prompt_logprobs = items if self.echo_logprobs else None
+            self.prompt_lp_items = items if self.want_prompt_logprobs else None
+        if self.return_ids:
+            self.output_ids.extend(out.new_token_ids)
         final = out.finish_reason is not None
-        delta = self.detok.add(out.new_token_ids) if self.detok is not None else ""
+        ids, early = out.new_token_ids, ""
+        # vLLM: stop strings are not looked for in the text of the first min_tokens tokens
+        held = min(len(ids), max(0, self.min_tokens - (out.num_output_tokens - len(ids))))
+        if held and self.detok is not None:
+            early, _ = self.stop.push(self.detok.add(ids[:held]), match=False)
+            ids = ids[held:]
+        delta = self.detok.add(ids) if self.detok is not None else ""
         if final and self.detok is not None:
             delta += self.detok.flush()
         emit, stopped = self.stop.push(delta, final=final)
+        emit = early + emit
         if stopped and self.stop.stop_reason is not None:
             self.finish_reason, self.stop_reason = "stop", self.stop.stop_reason
             if not final:
@@ -175,10 +199,11 @@ class OpenAIServing:
     metrics: ServerMetrics
     model_name: str
     _max_chars: int | None = None
+    _grammars: StructuredOutputs | None = None
 
     # ---- validation ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model and model != self.model_name:  # omitted or empty: the served model (as vLLM)
             raise APIError(404, f"The model `{model[:200]}` does not exist.", "model")
 
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> list[str]:
@@ -188,11 +213,12 @@ class OpenAIServing:
             raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options")
         if req.n > cfg.max_n:
             raise APIError(400, f"n must be <= {cfg.max_n}, got {req.n}", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported", name)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        try:
+            check_fields(body_fields(req), CHAT if isinstance(req, ChatCompletionRequest) else COMPLETIONS)
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > cfg.max_stop_strings:
             raise APIError(400, f"at most {cfg.max_stop_strings} stop strings are allowed, got {len(stop)}", "stop")
@@ -213,7 +239,8 @@ class OpenAIServing:
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 mode=req.mode, steps=req.steps, block_length=req.block_length, threshold=req.threshold,
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs, cache_salt=req.cache_salt)
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, cache_salt=req.cache_salt,
+                **control_kwargs(req, self.async_engine.tokenizer))
             return self.async_engine.policy.resolve_params(params)
         except ValueError as exc:
             raise _bad_request(exc) from None
@@ -244,8 +271,13 @@ class OpenAIServing:
             raise APIError(400, "suffix is not currently supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported", "best_of")
-        prompts = await self._completion_prompts(req.prompt)
-        base = self._params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
+        prompts = await self._completion_prompts(req.prompt, req.add_special_tokens)
+        if req.truncate_prompt_tokens is not None:  # the echo shows what the model saw
+            cut = [(truncate(ids, req.truncate_prompt_tokens, req.truncation_side), ids, text) for ids, text in prompts]
+            prompts = [(kept, text if kept is ids else None) for kept, ids, text in cut]
+        prompt_lps = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs if req.echo else None
+        base = self._params(req, req.max_tokens, req.logprobs, prompt_lps)
+        base = await self._constrained(base, self._spec(req))
         tok = self.async_engine.tokenizer
         items: list[tuple[list[int], SamplingParams]] = []
         states: list[ChoiceState] = []
@@ -254,7 +286,8 @@ class OpenAIServing:
             echo = "" if not req.echo else text if text is not None else (tok.decode(ids) if tok else "")
             for j in range(req.n):
                 items.append((ids, _seeded(params, j)))
-                states.append(self._choice(len(states), ids, stop, req.include_stop_str_in_output, echo))
+                states.append(self._extended(self._choice(len(states), ids, stop, req.include_stop_str_in_output,
+                                                          echo), req))
         return await self._respond("cmpl", "text_completion", req, items, states,
                                    sum(len(ids) for ids, _ in prompts))
 
@@ -265,19 +298,60 @@ class OpenAIServing:
         if req.top_logprobs is not None and req.top_logprobs > MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
                            "top_logprobs")
-        for name in ("tools", "response_format"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not currently supported", name)
-        ids = await self.chat_ids(req.messages)
+        spec = self._spec(req)
+        try:
+            tool_plan = plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+        if tool_plan is not None and tool_plan.grammar is not None:  # required / named: calls by grammar
+            if spec is not None:
+                raise APIError(400, f"tool_choice {tool_plan.choice} cannot be combined with {spec.field}",
+                               "tool_choice")
+            spec = tool_plan.grammar
+        if req.continue_final_message and req.add_generation_prompt:
+            raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           "continue_final_message")
+        ids = await self.chat_ids(req.messages, req.tools if tool_plan is not None else None,
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message,
+                                  template_kwargs=req.chat_template_kwargs, add_special_tokens=req.add_special_tokens)
+        ids = truncate(ids, req.truncate_prompt_tokens, req.truncation_side)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._fit(ids, self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None),
-                           max_tokens is None, "messages")
+        params = self._fit(ids, self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                             req.prompt_logprobs), max_tokens is None, "messages")
+        params = await self._constrained(params, spec)
         items = [(ids, _seeded(params, j)) for j in range(req.n)]
-        states = [self._choice(j, ids, stop, req.include_stop_str_in_output, "") for j in range(req.n)]
+        echo = chat_echo(req)
+        states = [self._extended(self._choice(j, ids, stop, req.include_stop_str_in_output, echo), req)
+                  for j in range(req.n)]
+        if tool_plan is not None:
+            for s in states:
+                s.tools = ToolOutput.for_plan(tool_plan, self.config.tool_call_parser)
         return await self._respond("chatcmpl", "chat.completion", req, items, states, len(ids))
 
+    # ---- structured outputs -------------------------------------------------------------------------------
+    @staticmethod
+    def _spec(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+        try:
+            return spec_of(req)
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+
+    async def _constrained(self, params: SamplingParams, spec: GrammarSpec | None) -> SamplingParams:
+        """`params` carrying `spec` compiled (in a worker thread, cached by the spec); 400 naming the field."""
+        if spec is None:
+            return params
+        tok = self.require_tokenizer(spec.field)
+        if self._grammars is None:
+            self._grammars = StructuredOutputs(tok, self.async_engine.policy.vocab_size)
+        try:
+            return replace(params, structured=await self._grammars.compiled(spec))
+        except InvalidParam as exc:
+            raise _bad_request(exc) from None
+
     # ---- prompts ------------------------------------------------------------------------------------------
-    async def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
+    async def _completion_prompts(self, prompt: Any,
+                                  add_special_tokens: bool = True) -> list[tuple[list[int], str | None]]:
         if isinstance(prompt, str):
             raw: list[Any] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -293,7 +367,7 @@ class OpenAIServing:
             if isinstance(p, str):
                 if not p:
                     raise APIError(400, "prompt must not be empty", "prompt")
-                out.append((await self.encode(p, "prompt"), p))
+                out.append((await self.encode(p, "prompt", add_special_tokens), p))
             else:
                 if not p:
                     raise APIError(400, "prompt must not be empty", "prompt")
@@ -318,25 +392,45 @@ class OpenAIServing:
             return list(tok.encode(text, add_special_tokens=add_special_tokens))
         return list(await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens))
 
-    async def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat template applied to `messages` (plus the assistant prompt), as token ids."""
+    async def chat_ids(self, messages: list[ChatMessage], tools: list[Any] | None = None, *,
+                       add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+        """The chat template applied to `messages` (plus the assistant prompt unless told otherwise, `tools` when
+        given, and the client's `chat_template_kwargs`), as token ids."""
         tok = self.require_tokenizer("messages")
-        msgs = []
-        for m in messages:
-            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
-            msgs.append({"role": m.role, "content": content})
+        msgs = template_messages(messages)
         self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
+        clash = sorted(set(template_kwargs or ()) & RESERVED_TEMPLATE_KWARGS)
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
         try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            extra = {"tools": tools} if tools else {}
+            if continue_final_message:
+                extra["continue_final_message"] = True
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                           **(template_kwargs or {}), **extra)
         except Exception as exc:  # template errors (jinja raise_exception, missing template) are the user's
             raise APIError(400, f"chat template error: {exc}"[:500], "messages") from None
-        return await self.encode(text, "messages", add_special_tokens=False)
+        return await self.encode(text, "messages", add_special_tokens=add_special_tokens)
 
     def _choice(self, index: int, ids: list[int], stop: list[str], include_stop: bool, echo: str) -> ChoiceState:
         tok = self.async_engine.tokenizer
         detok = IncrementalDetokenizer(tok, ids) if tok is not None else None
         return ChoiceState(index, detok, StopChecker(stop, include_stop), prefix=echo, text_offset=len(echo),
                            prompt_ids=ids)
+
+    def _extended(self, s: ChoiceState, req: CompletionRequest | ChatCompletionRequest) -> ChoiceState:
+        """`s` with the request's vLLM output options (special tokens in the text, token ids, prompt logprobs)."""
+        tok = self.async_engine.tokenizer
+        if tok is not None and (not req.skip_special_tokens or not req.spaces_between_special_tokens):
+            s.detok = IncrementalDetokenizer(tok, s.prompt_ids, req.skip_special_tokens,
+                                             req.spaces_between_special_tokens)
+        s.echo_logprobs = isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None
+        s.want_prompt_logprobs = req.prompt_logprobs is not None
+        s.return_ids = bool(req.return_token_ids)
+        s.as_ids = bool(req.return_tokens_as_token_ids)
+        s.min_tokens = req.min_tokens
+        return s
 
     # ---- running ------------------------------------------------------------------------------------------
     async def _respond(self, id_prefix: str, obj: str, req: CompletionRequest | ChatCompletionRequest,
@@ -379,7 +473,8 @@ class OpenAIServing:
         completion_tokens = sum(s.num_output_tokens for s in states)
         tok = self.async_engine.tokenizer
         body = dict(head, choices=[_final_choice(s, obj, tok) for s in states],
-                    usage=_usage(num_prompt_tokens, completion_tokens, _cached_tokens(states, req.n)), mode=mode)
+                    usage=_usage(num_prompt_tokens, completion_tokens, _cached_tokens(states, req.n)), mode=mode,
+                    **_chat_extras(states, obj, tok))
         return Response(_dumps(body), media_type="application/json")
 
     async def _first(self, gen: Generation) -> tuple[int, RequestOutput]:
@@ -411,7 +506,8 @@ class OpenAIServing:
                 for s in states:
                     role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}
-                    yield sse(dict(base, choices=[role], **(usage() if continuous else {}), mode=mode))
+                    yield sse(dict(base, choices=[role], **(usage() if continuous else {}), mode=mode,
+                                   **_chat_extras(states[:1], "chat.completion", tok)))
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 # whatever piled up while this stream was being written goes out as one chunk per choice
@@ -465,10 +561,10 @@ def _logprobs(s: ChoiceState, chat: bool, tok: Any, start: int) -> dict[str, Any
         return None
     items = s.logprobs[start:]
     if chat:
-        return chat_logprobs(tok, items)
-    out, s.text_offset = completion_logprobs(tok, items, s.text_offset)
+        return chat_logprobs(tok, items, s.as_ids)
+    out, s.text_offset = completion_logprobs(tok, items, s.text_offset, s.as_ids)
     if s.prompt_logprobs is not None:  # echo: the prompt's entries lead, with the first chunk that has any
-        head, _ = completion_logprobs(tok, s.prompt_logprobs, 0)
+        head, _ = completion_logprobs(tok, s.prompt_logprobs, 0, s.as_ids)
         out = {key: head[key] + out[key] for key in out}
         s.prompt_logprobs = None
     return out
@@ -479,20 +575,84 @@ def _chunk_choice(s: ChoiceState, text: str, chat: bool, tok: Any) -> dict[str, 
     start, s.logprobs_sent = s.logprobs_sent, len(s.logprobs or ())
     lps = _logprobs(s, chat, tok, start) if s.logprobs_sent > start else None
     if chat:
-        return {"index": s.index, "delta": {"content": text} if text else {}, "logprobs": lps,
-                "finish_reason": s.finish_reason}
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if s.tools is not None:  # tool calls leave as OpenAI's deltas; the text around them as content
+            content, calls = s.tools.delta(text, s.finish_reason is not None)
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = calls
+            return {"index": s.index, "delta": delta, "logprobs": lps,
+                    "finish_reason": tool_finish_reason(s.tools, s.tools.called, s.finish_reason)}
+        return {"index": s.index, "delta": delta, "logprobs": lps, "finish_reason": s.finish_reason,
+                **_ids_delta(s, False)}
     return {"index": s.index, "text": text, "logprobs": lps, "finish_reason": s.finish_reason,
-            "stop_reason": s.stop_reason}
+            "stop_reason": s.stop_reason, **_ids_delta(s, True)}
 
 
 def _final_choice(s: ChoiceState, obj: str, tok: Any) -> dict[str, Any]:
     text = "".join(s.text)
     if obj == "chat.completion":
-        return {"index": s.index, "message": {"role": "assistant", "content": text},
-                "logprobs": _logprobs(s, True, tok, 0), "finish_reason": s.finish_reason,
-                "stop_reason": s.stop_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = s.finish_reason
+        if s.tools is not None:
+            content, calls = s.tools.final(text)
+            message = {"role": "assistant", "content": content, "tool_calls": calls or []}
+            reason = tool_finish_reason(s.tools, bool(calls), reason)
+        return {"index": s.index, "message": message, "logprobs": _logprobs(s, True, tok, 0),
+                "finish_reason": reason, "stop_reason": s.stop_reason,
+                **({"token_ids": s.output_ids} if s.return_ids else {})}
+    extras: dict[str, Any] = {}
+    if s.want_prompt_logprobs:
+        extras["prompt_logprobs"] = _prompt_logprobs(s, tok)
+    if s.return_ids:
+        extras.update(prompt_token_ids=s.prompt_ids, token_ids=s.output_ids)
     return {"index": s.index, "text": text, "logprobs": _logprobs(s, False, tok, 0),
-            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
+            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason, **extras}
+
+
+def _prompt_logprobs(s: ChoiceState, tok: Any) -> list[Any] | None:
+    if s.prompt_lp_items is None:
+        return None
+    return prompt_logprobs_field(tok, [t for t, _ in s.prompt_lp_items], [lp for _, lp in s.prompt_lp_items])
+
+
+def _chat_extras(states: list[ChoiceState], obj: str, tok: Any) -> dict[str, Any]:
+    """Chat's response-level vLLM extensions (the prompt is every choice's): prompt_token_ids, prompt_logprobs."""
+    if obj != "chat.completion" or not states:
+        return {}
+    s = states[0]
+    out: dict[str, Any] = {}
+    if s.return_ids:
+        out["prompt_token_ids"] = s.prompt_ids
+    if s.want_prompt_logprobs:
+        out["prompt_logprobs"] = _prompt_logprobs(s, tok)
+    return out
+
+
+def _ids_delta(s: ChoiceState, completions: bool) -> dict[str, Any]:
+    """Streaming with return_token_ids: the output ids not sent yet (and a completion choice's prompt ids first)."""
+    if not s.return_ids:
+        return {}
+    out: dict[str, Any] = {}
+    if completions and s.ids_sent == 0:
+        out["prompt_token_ids"] = s.prompt_ids
+    out["token_ids"], s.ids_sent = s.output_ids[s.ids_sent:], len(s.output_ids)
+    return out
+
+
+def chat_echo(req: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's text when it has the response's role (assistant, or the last
+    message's own role without a generation prompt)."""
+    if not req.echo:
+        return ""
+    role = "assistant" if req.add_generation_prompt else req.messages[-1].role
+    last = template_messages(req.messages[-1:])[0]
+    return last["content"] if req.messages[-1].role == role else ""
+
+
+# chat_template_kwargs may not override what the server itself passes to the template
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "tokenize", "add_generation_prompt",
+                                      "continue_final_message", "chat_template", "return_dict", "documents"})
 
 
 def _bad_request(exc: ValueError, prompt_field: str = "prompt") -> APIError:

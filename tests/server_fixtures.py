@@ -32,7 +32,8 @@ def write_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = " \n" + string.ascii_letters + string.digits + ".,!?'-:;()\"#$%&*+/<=>@[]_{|}~"
+    # JSON's punctuation and `<tool_call>`'s come before the rarer symbols: the vocabulary ends at 96 ids
+    chars = " \n" + string.ascii_letters + string.digits + ".,!?'-:;()\"{}[]_#$%&*+/<=>@|~"
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in chars:
         if len(vocab) >= vocab_size:

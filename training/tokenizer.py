@@ -20,11 +20,38 @@ from training.corpus import DATA_DIR, read_docs
 SPECIALS = ["<unk>", "<s>", "</s>", "<|mask|>", "<|im_start|>", "<|im_end|>"]
 UNK_ID, BOS_ID, EOS_ID, MASK_ID, IM_START_ID, IM_END_ID = range(6)
 
+# ChatML; with `tools`, a Hermes-style tools section (calls as <tool_call>{json}</tool_call>, results as
+# <tool_response>), which server.tool_parsers.hermes parses
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    "{%- if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools> tags:\n' }}"
+    "{{ '<tools>\n' }}"
+    "{%- for tool in tools %}{{ (tool['function'] if tool['function'] is defined else tool) | tojson }}{{ '\n' }}"
+    "{%- endfor %}"
+    "{{ '</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' }}{%- if message['content'] %}{{ message['content'] + '\n' }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{ fn['arguments'] }}{%- else %}{{ fn['arguments'] | tojson }}{%- endif %}"
+    "{{ '}\n</tool_call>' }}{%- if not loop.last %}{{ '\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 

@@ -6,6 +6,7 @@ import torch
 
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.logits_processing import process
 from engine.sampling import sample
 from engine.sequence import Sequence
 
@@ -18,5 +19,5 @@ class AR(Decoder):
 
     def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
                             ctx: DecoderContext) -> Outcome:
-        return emit_tokens(sample(logits[-1:], seq.params, seq.generator, ctx.mask_id), logits[-1:], seq, ctx,
-                           num_kv_kept=1)
+        chosen = sample(process(logits[-1:], seq), seq.params, seq.generator, ctx.mask_id)
+        return emit_tokens(chosen, logits[-1:], seq, ctx, num_kv_kept=1)

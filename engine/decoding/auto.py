@@ -54,6 +54,7 @@ from engine.decoding.costs import ForwardCosts, clock_for, measure
 from engine.decoding.modes import AUTO_ITERATIONS
 from engine.decoding.spec import SelfSpec, SpecState
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.logits_processing import process
 from engine.sampling import keyed_gumbel, keyed_pick, sample
 from engine.sequence import SamplingParams, Sequence
 
@@ -485,11 +486,12 @@ class AutoDecoder(Decoder):
         st: AutoState = seq.state
         if req.forward == Forward.AR_DECODE:
             rows = logits[-1:]
+            chosen_from = process(rows, seq)  # logprobs stay the raw rows'
             if keyed(seq.params):
                 noise = keyed_gumbel(seq.params.seed, [len(seq.token_ids)], rows.shape[-1])  # type: ignore[arg-type]
-                tokens = keyed_pick(rows, seq.params, ctx.mask_id, noise).tolist()
+                tokens = keyed_pick(chosen_from, seq.params, ctx.mask_id, noise).tolist()
             else:
-                tokens = sample(rows, seq.params, seq.generator, ctx.mask_id)
+                tokens = sample(chosen_from, seq.params, seq.generator, ctx.mask_id)
             st.choice = None
             st.ar_iterations += 1
             st.ar_since_round += 1

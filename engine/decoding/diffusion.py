@@ -20,6 +20,7 @@ import torch
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.modes import DENOISE_STEPS_PER_BLOCK
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.logits_processing import committed_prefixes, process
 from engine.sampling import denoise_pick, sample, token_logprobs
 from engine.sequence import Logprob, Sequence
 
@@ -58,15 +59,21 @@ class BlockDiffusion(Decoder):
         st: DiffusionState = seq.state
         if req.forward == Forward.COMMIT:
             seq.state = None
-            seed = sample(logits[-1:], seq.params, seq.generator, ctx.mask_id)
+            seed = sample(process(logits[-1:], seq), seq.params, seq.generator, ctx.mask_id)
             return emit_tokens(seed, logits[-1:], seq, ctx, num_kv_kept=len(req.token_ids))
         p = seq.params
         block = st.block
         masked = [i for i, t in enumerate(block) if t == ctx.mask_id and i > 0]
-        x0, conf = denoise_pick(logits[masked], p, seq.generator, ctx.mask_id)  # rows of masked positions
-        confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
-        n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
-        order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
+        if seq.logits_pipeline is not None and seq.logits_pipeline.ordered:
+            x0, order = self._pick_left_to_right(st, seq, logits, masked, ctx)
+        else:
+            rows = logits[masked]  # rows of masked positions, each after the committed run to its left
+            if seq.logits_pipeline is not None:
+                rows = process(rows, seq, committed_prefixes(block, masked, ctx.mask_id))
+            x0, conf = denoise_pick(rows, p, seq.generator, ctx.mask_id)
+            confident = int((conf >= p.threshold).sum()) if p.threshold is not None else 0
+            n = commit_count(len(masked), p.steps - st.steps_done, confident, p.threshold)
+            order = torch.argsort(conf, descending=True, stable=True)[:n].tolist()
         for j in order:
             block[masked[j]] = int(x0[j])
         if p.logprobs is not None:
@@ -83,6 +90,28 @@ class BlockDiffusion(Decoder):
             st.resolved = True
             return self._emit(st, len(block), p.logprobs is not None)
         return Outcome([])
+
+    @staticmethod
+    def _pick_left_to_right(st: DiffusionState, seq: Sequence, logits: torch.Tensor, masked: list[int],
+                            ctx: DecoderContext) -> tuple[torch.Tensor, list[int]]:
+        """Commits for a pipeline whose processors need each row's exact left context (multi-token bad words, a
+        grammar): the leftmost masked positions, in order, each picked after the tokens to its left (committed
+        before, or just now). As many as the schedule needs, and more while each next one is confident; still one
+        denoise forward per step. (x0 per masked index, the indices committed)."""
+        p = seq.params
+        need = -(-len(masked) // max(p.steps - st.steps_done, 1))
+        x0 = torch.zeros(len(masked), dtype=torch.long)
+        order: list[int] = []
+        for j, pos in enumerate(masked):  # every position left of masked[0] is committed (commits go in order)
+            prefix = tuple(st.block[1:pos])
+            tok, conf = denoise_pick(process(logits[pos:pos + 1], seq, [prefix]), p, seq.generator, ctx.mask_id)
+            if order and len(order) >= need and not (p.threshold is not None and p.threshold < 1.0
+                                                     and float(conf[0]) >= p.threshold):
+                break
+            x0[j] = tok[0]
+            st.block[pos] = int(tok[0])
+            order.append(j)
+        return x0, order
 
     def reset_for_recompute(self, seq: Sequence) -> bool:
         # a resolved block was emitted before its commit forward ran: the recompute covers all of it, and its last

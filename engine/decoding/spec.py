@@ -37,6 +37,8 @@ from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.diffusion import commit_count
 from engine.decoding.modes import SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
 from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.grammar import GrammarProcessor, grammar_of
+from engine.logits_processing import committed_prefixes, process
 from engine.sampling import (
     exclude,
     greedy,
@@ -127,14 +129,22 @@ class SelfSpec(Decoder):
         masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
         rows = exclude(logits[masked], ctx.mask_id)
         conf: torch.Tensor | None = None
-        if p.temperature > 0 and st.keyed:
-            x0 = keyed_pick(rows, p, None, self._noise(st, seq, rows.shape[-1])[[i - 1 for i in masked]])
-        elif p.temperature > 0 and p.threshold is None:
-            q = probabilities(rows, p, None)
-            x0 = torch.multinomial(q, 1, generator=seq.generator).squeeze(-1)
-            st.q = q  # one-shot: `masked` is every draft position, in order, so row i is q of d_{i+1}
-        else:  # greedy, or threshold drafting at T > 0: argmax drafts (a deterministic drafter)
-            x0 = greedy(rows)
+        if seq.logits_pipeline is not None and p.threshold is None:
+            # one-shot with sampling controls: d_i drawn from q_i after d_1 .. d_{i-1}, as the verify row of d_i
+            # sees them (an autoregressive q keeps speculative sampling exact and greedy drafts match more often)
+            picks, qs = [], []
+            for j in range(len(masked)):
+                x, q = self._pick(st, seq, process(rows[j:j + 1], seq, [tuple(picks)]), masked[j:j + 1])
+                picks.append(int(x[0]))
+                qs.append(q)
+            x0 = torch.tensor(picks, dtype=torch.long)
+            st.q = torch.cat(qs) if qs and qs[0] is not None else None
+        else:
+            if seq.logits_pipeline is not None:
+                rows = process(rows, seq, committed_prefixes(st.block, masked, ctx.mask_id))
+            x0, q = self._pick(st, seq, rows, masked)
+            if q is not None:
+                st.q = q  # one-shot: `masked` is every draft position, in order, so row i is q of d_{i+1}
         if p.threshold is None:  # reference default (threshold 0): one forward fills every mask
             n = len(masked)
         else:
@@ -144,11 +154,42 @@ class SelfSpec(Decoder):
         for j in order:
             st.block[masked[j]] = int(x0[j])
         st.drafted = n == len(masked)
+        if st.drafted and (grammar := grammar_of(seq)) is not None:
+            self._cut(st, seq, grammar)
+
+    @staticmethod
+    def _cut(st: SpecState, seq: Sequence, grammar: GrammarProcessor) -> None:
+        """A constrained draft ends at the first token its grammar refuses, or after a stop id that ends the
+        grammar: the verify would reject it there (its row masks it out) and no row after it is ever used. Drafts
+        drawn one by one under the grammar (one-shot) are never refused: only tokens after a stop go, which the
+        sequence never reaches, so speculative sampling with their q rows stays exact."""
+        keep = grammar.first_refused(seq, st.block[1:])
+        if keep < len(st.block) - 1:
+            del st.block[1 + keep:]
+            if st.q is not None:
+                st.q = st.q[:keep]
+            if st.noise is not None:  # keyed rounds: one noise row per block position
+                st.noise = st.noise[:keep + 1]
+
+    def _pick(self, st: SpecState, seq: Sequence, rows: torch.Tensor,
+              masked: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft tokens for the rows of block positions `masked` (mask id excluded, controls applied), and their
+        q rows when drawn by one-shot sampling (None for deterministic drafts)."""
+        p = seq.params
+        if p.temperature > 0 and st.keyed:
+            return keyed_pick(rows, p, None, self._noise(st, seq, rows.shape[-1])[[i - 1 for i in masked]]), None
+        if p.temperature > 0 and p.threshold is None:
+            q = probabilities(rows, p, None)
+            return torch.multinomial(q, 1, generator=seq.generator).squeeze(-1), q
+        return greedy(rows), None  # greedy, or threshold drafting at T > 0: argmax drafts (a deterministic drafter)
 
     def _verify(self, st: SpecState, seq: Sequence, logits: torch.Tensor, ctx: DecoderContext) -> RoundResult:
         p = seq.params
         drafts = st.block[1:]
         k = len(drafts)
+        raw = logits  # logprobs: the model's own rows
+        if seq.logits_pipeline is not None:  # row i follows d_1 .. d_i, as the ar step at that position would
+            logits = process(logits, seq, [tuple(drafts[:i]) for i in range(k + 1)])
         if p.temperature == 0 or st.keyed:
             if p.temperature == 0:
                 picks = greedy(exclude(logits, ctx.mask_id)).tolist()  # picks[i]: the AR token of position i + 1
@@ -161,6 +202,6 @@ class SelfSpec(Decoder):
         else:
             c, nxt = speculative_verify(probabilities(logits, p, ctx.mask_id), drafts, st.q, seq.generator)
             tokens = drafts[:c] + [nxt]
-        out = emit_tokens(tokens, logits[: c + 1], seq, ctx, num_kv_kept=c + 1,
+        out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1,
                           counters={SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k, SPEC_ACCEPTED_TOKENS: c})
         return RoundResult(out, c, k, st.draft_forwards)

@@ -1,0 +1,236 @@
+"""Grammar-constrained decoding over token ids with xgrammar: compiling a `GrammarSpec` (`GrammarCompilerCache`)
+and the per-sequence logits processor that masks every choice point (`GrammarProcessor`).
+
+The processor plugs into `engine.logits_processing` like any other control: row i of a call comes after the
+sequence's output tokens followed by `prefixes[i]` (a self_spec verify row after drafts d_1 .. d_i, a denoise row
+after the block's tokens to its left). Its matcher follows the emitted output lazily (it catches up on the tokens
+emitted since the last call), and for each row it advances over the row's prefix, fills the token bitmask, and
+rolls back: rows are masked position by position while the committed state never moves. A row whose prefix the
+grammar refuses is left as it is: no decoder uses a row that comes after a refused token (a verify stops at the
+first draft that differs from the row before it, and a refused draft always differs).
+
+EOS is a token like any other here: the grammar allows the stop ids only where it can end, and only them once it
+is complete, so an output that finishes with `stop` parses. Once the matcher has accepted a stop id it is
+terminated and later rows (tokens that the engine cuts anyway) are left unmasked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from engine.errors import InvalidParam
+from engine.logits_processing import LogitsPipeline
+from engine.sequence import Sequence
+from engine.structured import GrammarSpec
+
+log = logging.getLogger("trimode.engine")
+
+
+def _xgr() -> Any:
+    import xgrammar  # imported on first use: plain requests never load it
+
+    return xgrammar
+
+
+def choice_grammar(choices: Seq[str]) -> str:
+    """EBNF whose language is exactly `choices` (vLLM's `choice`)."""
+    # JSON string escapes (\" \\ \n \uXXXX) are EBNF string escapes too
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class GrammarCompilerCache:
+    """xgrammar compilation for one tokenizer and vocabulary, with an LRU of compiled grammars keyed by the spec.
+
+    Thread-safe: the server compiles in worker threads. `compile` raises InvalidParam naming the spec's field when
+    the schema, regex or grammar is invalid."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Seq[int] | None = None,
+                 max_entries: int = 256) -> None:
+        xgr = _xgr()
+        stop = list(stop_token_ids) if stop_token_ids else None
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+        self.hits = self.misses = 0
+
+    def _lookup(self, key: tuple[str, str]) -> Any:
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+            return found
+
+    def _store(self, key: tuple[str, str], compiled: Any) -> None:
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = compiled
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """The xgrammar CompiledGrammar of `spec` (cached)."""
+        found = self._lookup(spec.key)
+        if found is not None:
+            return found
+        c = self._compiler
+        try:
+            if spec.kind == "json":
+                compiled = c.compile_json_schema(spec.source, any_whitespace=False)
+            elif spec.kind == "json_object":
+                compiled = c.compile_builtin_json_grammar()
+            elif spec.kind == "regex":
+                compiled = c.compile_regex(spec.source)
+            elif spec.kind == "choice":
+                compiled = c.compile_grammar(choice_grammar(json.loads(spec.source)))
+            else:
+                compiled = c.compile_grammar(spec.source)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidParam(spec.field, f"invalid {spec.field}: {_short(exc)}") from None
+        self._store(spec.key, compiled)
+        return compiled
+
+    def load(self, spec: GrammarSpec) -> Any:
+        """The CompiledGrammar for `spec` in the engine: deserialized from the server's compile when it shipped
+        one (cached by the spec), else compiled here."""
+        found = self._lookup(spec.key)
+        if found is not None:
+            return found
+        if spec.compiled is None:
+            return self.compile(spec)
+        compiled = _xgr().CompiledGrammar.deserialize_json(spec.compiled, self.info)
+        self._store(spec.key, compiled)
+        return compiled
+
+    def serialized(self, spec: GrammarSpec) -> str:
+        return self.compile(spec).serialize_json()
+
+
+def _short(exc: BaseException) -> str:
+    # xgrammar's messages start with "[hh:mm:ss] /project/cpp/file.cc:123: "; the client needs the rest
+    text = str(exc).strip()
+    if text.startswith("[") and ": " in text:
+        rest = text.split("] ", 1)[-1]
+        parts = rest.split(": ", 1)
+        if len(parts) == 2 and (".cc:" in parts[0] or ".h:" in parts[0]):
+            text = parts[1]
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+class GrammarProcessor:
+    """The logits processor of one constrained sequence (see the module docstring)."""
+
+    needs_order = True  # diffusion commits a constrained block left to right (engine.logits_processing)
+
+    def __init__(self, compiled: Any, vocab_size: int, stop_token_ids: Seq[int]) -> None:
+        xgr = _xgr()
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None)
+        self.vocab_size = vocab_size
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.consumed = 0  # output tokens the matcher has accepted
+        self.broken = False  # an emitted token was refused (cannot happen through the masks; logged once)
+
+    # ---- following the committed output ----
+    def sync(self, seq: Sequence) -> None:
+        """Accept the output tokens emitted since the last call."""
+        out = seq.token_ids[seq.num_prompt_tokens + self.consumed:]
+        for tok in out:
+            if self.broken or self.matcher.is_terminated():
+                break
+            if not self.matcher.accept_token(int(tok)):
+                self.broken = True
+                log.warning("request %s: emitted token %d is outside its grammar", seq.request_id, tok)
+        self.consumed += len(out)
+
+    # ---- masks ----
+    def _advance(self, tokens: Seq[int]) -> int:
+        """Accept `tokens` in order until one is refused or the matcher ends; returns how many were accepted."""
+        n = 0
+        for t in tokens:
+            if self.matcher.is_terminated() or not self.matcher.accept_token(int(t)):
+                break
+            n += 1
+        return n
+
+    def _mask_row(self, row: torch.Tensor, seq: Sequence) -> None:
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not bool(self.bitmask.any()):
+            # the vocabulary cannot continue the grammar here (e.g. it lacks a character the grammar needs): the
+            # row stays as it is rather than all -inf (NaN under sampling), and the request is unconstrained now
+            self.broken = True
+            log.warning("request %s: no token of the vocabulary continues its grammar", seq.request_id)
+            return
+        self._xgr.apply_token_bitmask_inplace(row, self.bitmask.to(row.device), vocab_size=self.vocab_size)
+
+    def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
+        self.sync(seq)
+        if self.broken or self.matcher.is_terminated():
+            return logits
+        path: list[int] = []  # tokens accepted past the committed state (nested prefixes share them)
+        for i, prefix in enumerate(prefixes):
+            common = 0
+            while common < len(path) and common < len(prefix) and path[common] == prefix[common]:
+                common += 1
+            if common < len(path):
+                self.matcher.rollback(len(path) - common)
+                del path[common:]
+            rest = prefix[common:]
+            n = self._advance(rest)
+            path.extend(rest[:n])
+            if n == len(rest) and not self.matcher.is_terminated() and not self.broken:
+                self._mask_row(logits[i:i + 1], seq)
+        if path:
+            self.matcher.rollback(len(path))
+        return logits
+
+    def first_refused(self, seq: Sequence, tokens: Seq[int]) -> int:
+        """Index of the first of `tokens` (following the output so far) that the grammar refuses, or comes after
+        the grammar has ended; len(tokens) when it takes them all."""
+        self.sync(seq)
+        if self.broken:
+            return len(tokens)
+        n = self._advance(tokens)  # stops at a refused token and after a stop id
+        if n:
+            self.matcher.rollback(n)
+        return n
+
+
+def grammar_of(seq: Sequence) -> GrammarProcessor | None:
+    """The sequence's grammar processor, when its request is constrained."""
+    pipe = seq.logits_pipeline
+    if pipe is None:
+        return None
+    return next((p for p in pipe.processors if isinstance(p, GrammarProcessor)), None)
+
+
+_CACHES: weakref.WeakKeyDictionary[Any, GrammarCompilerCache] = weakref.WeakKeyDictionary()
+
+
+def attach_grammar(seq: Sequence, tokenizer: Any, vocab_size: int, stop_token_ids: Seq[int]) -> None:
+    """Give a constrained sequence (`seq.params.structured` set) its GrammarProcessor, last in its pipeline (after
+    the other controls, so a grammar-allowed token is what is left). The compiled grammar comes deserialized from
+    the server's compile, cached per tokenizer by the spec."""
+    spec = seq.params.structured
+    assert spec is not None
+    if tokenizer is None:
+        raise InvalidParam(spec.field, f"{spec.field} needs the model's tokenizer, and this model ships none")
+    cache = _CACHES.get(tokenizer)
+    if cache is None or cache.vocab_size != vocab_size:
+        cache = _CACHES[tokenizer] = GrammarCompilerCache(tokenizer, vocab_size)  # as the server's compile
+    proc = GrammarProcessor(cache.load(spec), vocab_size, stop_token_ids)
+    if seq.logits_pipeline is None:
+        seq.logits_pipeline = LogitsPipeline([proc])
+    else:
+        seq.logits_pipeline.processors.append(proc)
