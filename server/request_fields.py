@@ -58,7 +58,8 @@ _COMMON: dict[str, FieldStatus] = {
     "guided_decoding_backend": _no(note="one backend (xgrammar)"),
     "guided_whitespace_pattern": _no(note="not implemented"),
     "priority": _no(0, "no priority scheduling"), "request_id": _no(note="trimode makes its own ids"),
-    "logits_processors": _no(note="no user logits processors"), "cache_salt": _yes("only requests with the same salt share prefix-cached KV"),
+    "logits_processors": _no(note="no user logits processors"),
+    "cache_salt": _yes("only requests with the same salt share prefix-cached KV"),
     "kv_transfer_params": _no(note="no disaggregated serving"), "vllm_xargs": _no(note="no custom extensions"),
     # trimode's knobs
     "mode": _yes("trimode"), "steps": _yes("trimode"), "block_length": _yes("trimode"),
