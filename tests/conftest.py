@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from engine.llm import LLM
 from tests.checkpoints import write_nld_checkpoint
@@ -30,3 +31,13 @@ def assert_kv_idle(eng) -> None:
     assert not eng.has_unfinished()
     assert eng.num_free_blocks == eng.num_total_blocks
     eng.check_kv_invariants()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many tiny forwards: on a small shared CPU box a second OpenMP thread only
+    costs. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from engine.decoding import auto as auto_module
 from engine.decoding.auto import (
@@ -32,14 +31,7 @@ from engine.llm import LLM
 from engine.sequence import SamplingParams, Sequence
 from tests.checkpoints import MASK_ID, write_nld_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: many tiny forwards, where a second OpenMP thread on a shared box only costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ragged_prompts(n: int, seed: int = 0) -> list[list[int]]:

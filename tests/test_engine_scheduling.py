@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from engine.decoding.modes import MODES
 from engine.llm import LLM
 from engine.sequence import SamplingParams
+from tests.engine_faults import step_with_a_failing_forward
 
 
 def _params(mode: str, max_tokens: int) -> SamplingParams:
@@ -227,25 +228,11 @@ def _reference_llm(path) -> LLM:
 
 
 def test_a_failing_forward_fails_only_its_batch(tiny_llm):
-    import pytest
-
-    from engine.engine import BatchError
-
     eng = tiny_llm.engine
     eng.add_request("bad", [5, 6, 7], _params("ar", 5))
-    run = eng.runner.run
-
-    def boom(batch):
-        raise RuntimeError("injected")
-
-    eng.runner.run = boom
-    try:
-        with pytest.raises(BatchError) as info:
-            eng.step()
-    finally:
-        eng.runner.run = run
-    assert info.value.request_ids == ["bad"]
-    for rid in info.value.request_ids:
+    error = step_with_a_failing_forward(eng)
+    assert error.request_ids == ["bad"]
+    for rid in error.request_ids:
         eng.abort_request(rid)
     assert eng.num_free_blocks == eng.num_total_blocks
     out = tiny_llm.generate([[5, 6, 7]], _params("self_spec", 5))[0]
@@ -255,10 +242,6 @@ def test_a_failing_forward_fails_only_its_batch(tiny_llm):
 def test_a_failing_forward_fails_every_mode_it_carried_and_no_waiting_request(tiny_ckpt):
     """One forward carries every running sequence, so a failure inside it fails all of them, whatever their
     modes; a request still waiting for admission is untouched and later decodes exactly as it would have."""
-    import pytest
-
-    from engine.engine import BatchError
-
     llm = LLM(model=str(tiny_ckpt), num_kv_tokens=4096, max_num_seqs=2)
     eng = llm.engine
     prompts = _prompts(3, seed=17)
@@ -266,19 +249,9 @@ def test_a_failing_forward_fails_every_mode_it_carried_and_no_waiting_request(ti
     for rid, p, mode in zip(("ar", "diffusion", "waiting"), prompts, ("ar", "diffusion", "self_spec")):
         eng.add_request(rid, p, _params(mode, 9))
     eng.step()  # both running requests' prefill
-    run = eng.runner.run
-
-    def boom(batch):
-        raise RuntimeError("injected")
-
-    eng.runner.run = boom
-    try:
-        with pytest.raises(BatchError) as info:
-            eng.step()
-    finally:
-        eng.runner.run = run
-    assert sorted(info.value.request_ids) == ["ar", "diffusion"]
-    for rid in info.value.request_ids:
+    error = step_with_a_failing_forward(eng)
+    assert sorted(error.request_ids) == ["ar", "diffusion"]
+    for rid in error.request_ids:
         eng.abort_request(rid)
     out: list[int] = []
     while eng.has_unfinished():

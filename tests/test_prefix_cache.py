@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.decoding.modes import MODES
-from engine.engine import BatchError
 from engine.kv_cache import KV_ADAPTER, BlockManager, block_hash
 from engine.llm import LLM
 from engine.sequence import SamplingParams, Sequence
 from tests.conftest import assert_kv_idle
+from tests.engine_faults import step_with_a_failing_forward
 
 PREFIX = [random.Random(5).randrange(4, 96) for _ in range(40)]  # 2 full 16-token blocks and 8 tokens
 
@@ -281,18 +281,8 @@ def test_a_failed_forward_unregisters_the_blocks_it_was_to_write(tiny_llm, tiny_
     prompt = _prompts(1, seed=10)[0]
     for j in range(2):
         eng.add_request(f"f{j}", prompt, _params("ar", 4))
-    run = eng.runner.run
-
-    def boom(batch):
-        raise RuntimeError("injected")
-
-    eng.runner.run = boom
-    try:
-        with pytest.raises(BatchError) as info:
-            eng.step()
-    finally:
-        eng.runner.run = run
-    for rid in info.value.request_ids:
+    error = step_with_a_failing_forward(eng)
+    for rid in error.request_ids:
         eng.abort_request(rid)
     assert eng.scheduler.blocks.num_cached_blocks == 0  # the prompt's blocks never got their K/V
     eng.check_kv_invariants()

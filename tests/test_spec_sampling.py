@@ -33,13 +33,7 @@ DEPTH = 3  # output tokens whose joint distribution is tested
 FILTERS = {"plain": {}, "top-k/top-p": {"top_k": 6, "top_p": 0.9}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: thousands of tiny forwards, where a second OpenMP thread on a shared box only costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

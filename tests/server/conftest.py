@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.server_fixtures import live_server, write_served_checkpoint
@@ -44,3 +45,14 @@ def server(shared_engine) -> Iterator[str]:
     app = create_app(shared_engine, ServerConfig(max_n=8))
     with live_server(app) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    """The openai client on the shared server (no retries: a test sees every error)."""
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id

@@ -1,8 +1,12 @@
-"""Small helpers shared by the server tests: metrics scraping and raw SSE parsing."""
+"""Small helpers shared by the server tests: a live server on an engine, metrics scraping, raw SSE parsing, and
+draining an AsyncEngine generation."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,3 +43,25 @@ def sse_json(raw: bytes) -> list[dict]:
     events = sse_events(raw)
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     return [json.loads(e) for e in events[:-1]]
+
+
+@contextmanager
+def serve(engine: Any, **cfg: Any) -> Iterator[str]:
+    """A live server (its URL) over `engine`, with these ServerConfig fields."""
+    from server.app import create_app
+    from server.config import ServerConfig
+    from tests.server_fixtures import live_server
+
+    with live_server(create_app(engine, ServerConfig(**cfg))) as url:
+        yield url
+
+
+async def drain(gen: Any) -> list[Any]:
+    """Every output of an AsyncEngine generation until each choice has seen its final one."""
+    outs, open_ = [], set(range(len(gen.tracks)))
+    while open_:
+        index, out = await gen.next()
+        outs.append(out)
+        if out.finish_reason is not None:
+            open_.discard(index)
+    return outs

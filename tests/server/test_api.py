@@ -14,16 +14,6 @@ from tests.server.helpers import sse_events, sse_json
 CHAT = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def test_models_lists_the_checkpoint_with_its_context_length(server: str) -> None:
     body = httpx.get(f"{server}/v1/models").json()
     assert body["object"] == "list"

@@ -9,6 +9,7 @@ import pytest
 
 from engine.sequence import RequestOutput, SamplingParams, StepStats
 from server.async_engine import AsyncEngine, EngineDeadError, Overloaded
+from tests.server.helpers import drain
 
 
 class FakeEngine:
@@ -76,17 +77,6 @@ def run(coro_fn, engine: FakeEngine, **kw):
         finally:
             async_engine.stop()
     return asyncio.run(main())
-
-
-async def drain(gen) -> list[RequestOutput]:
-    """Every output until each choice has seen its final one."""
-    outs, open_ = [], set(range(len(gen.tracks)))
-    while open_:
-        index, out = await gen.next()
-        outs.append(out)
-        if out.finish_reason is not None:
-            open_.discard(index)
-    return outs
 
 
 def test_outputs_come_back_once_per_step_on_the_engine_thread() -> None:

@@ -34,7 +34,7 @@ from server.config import ServerConfig
 from server.transport import ThreadTransport
 from tests.server.conftest import make_engine
 from tests.server.gate import StepGate
-from tests.server.helpers import metric
+from tests.server.helpers import drain, metric
 from tests.server_fixtures import live_server
 
 BOUND = 30.0  # seconds: a "does not hang" bound, far above any deadline under test
@@ -196,16 +196,6 @@ def run_async(engine: FakeEngine, body: Any) -> Any:
                 engine.release.set()
             async_engine.stop(BOUND)
     return asyncio.run(main())
-
-
-async def drain(gen: Any) -> list[RequestOutput]:
-    outs, open_ = [], set(range(len(gen.tracks)))
-    while open_:
-        index, out = await gen.next()
-        outs.append(out)
-        if out.finish_reason is not None:
-            open_.discard(index)
-    return outs
 
 
 class Unfinishable(FakeEngine):

@@ -26,7 +26,7 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from tests.server.conftest import engine_config, make_engine
 from tests.server.gate import StepGate
-from tests.server.helpers import metric
+from tests.server.helpers import metric, serve
 from tests.server_fixtures import free_port, live_server, wait_until_healthy
 
 ROOT = Path(__file__).parents[2]
@@ -36,12 +36,6 @@ BODY = {"prompt": "Hello there", "max_tokens": 400, "temperature": 0, "ignore_eo
 @pytest.fixture(scope="module")
 def engine(ckpt: Path):
     return make_engine(ckpt, num_kv_tokens=4096)
-
-
-@contextmanager
-def serve(engine, **cfg) -> Iterator[str]:
-    with live_server(create_app(engine, ServerConfig(**cfg))) as url:
-        yield url
 
 
 def poll(check: Callable[[], bool], what: str, limit: float = 60.0) -> None:

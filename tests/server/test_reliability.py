@@ -7,18 +7,14 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server.app import create_app
-from server.config import ServerConfig
 from tests.server.conftest import make_engine
 from tests.server.held_engine import HeldEngine, wait_for
-from tests.server.helpers import metric, sse_json
-from tests.server_fixtures import live_server
+from tests.server.helpers import metric, serve, sse_json
 
 KEY = "sk-test-0123456789"
 LONG = {"prompt": "Long one", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -27,12 +23,6 @@ LONG = {"prompt": "Long one", "max_tokens": 400, "temperature": 0, "ignore_eos":
 @pytest.fixture(scope="module")
 def engine(ckpt: Path):
     return make_engine(ckpt, num_kv_tokens=4096)
-
-
-@contextmanager
-def serve(engine, **cfg) -> Iterator[str]:
-    with live_server(create_app(engine, ServerConfig(**cfg))) as url:
-        yield url
 
 
 def test_api_key_guards_all_but_probe_and_metrics_routes_and_is_never_logged(

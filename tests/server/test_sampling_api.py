@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import httpx
-import openai
 import pytest
 
 from engine.config import MODES
@@ -18,16 +17,6 @@ from server.request_fields import CHAT, COMPLETIONS, FIELDS, readme_table
 from tests.server.helpers import sse_json
 
 EOS, IM_START = 2, 4
-
-
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")

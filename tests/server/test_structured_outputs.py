@@ -27,16 +27,6 @@ CHOICES = ["yes", "no", "maybe so"]
 EBNF = 'root ::= "x=" digit digit? ";"\ndigit ::= [0-9]'
 
 
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def _seed(temperature: float) -> int | None:
     return 7 if temperature else None
 

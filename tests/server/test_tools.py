@@ -26,16 +26,6 @@ HERMES = (r'<tool_call>\{"name": "weather", "arguments": \{"city": "(Paris|Rome)
           r'</tool_call>')
 
 
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def _streamed_calls(chunks: list) -> tuple[dict[int, dict], list[str]]:
     """Reassemble streamed tool calls by index, checking OpenAI's shape (first delta of a call: id, type, name and
     empty arguments; later ones: argument fragments only); also the finish reasons seen."""
