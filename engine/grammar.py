@@ -138,7 +138,7 @@ class GrammarProcessor:
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None)
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # grown to the widest call, reused by each call
         self.consumed = 0  # output tokens the matcher has accepted
         self.broken = False  # an emitted token was refused (cannot happen through the masks; logged once)
 
@@ -164,20 +164,18 @@ class GrammarProcessor:
             n += 1
         return n
 
-    def _mask_row(self, row: torch.Tensor, seq: Sequence) -> None:
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        if not bool(self.bitmask.any()):
-            # the vocabulary cannot continue the grammar here (e.g. it lacks a character the grammar needs): the
-            # row stays as it is rather than all -inf (NaN under sampling), and the request is unconstrained now
-            self.broken = True
-            log.warning("request %s: no token of the vocabulary continues its grammar", seq.request_id)
-            return
-        self._xgr.apply_token_bitmask_inplace(row, self.bitmask.to(row.device), vocab_size=self.vocab_size)
+    def _rows(self, n: int) -> torch.Tensor:
+        """The first `n` rows of the sequence's reusable bitmask buffer (grown on demand, never shrunk)."""
+        if self.bitmask.shape[0] < n:
+            self.bitmask = self._xgr.allocate_token_bitmask(n, self.vocab_size)
+        return self.bitmask[:n]
 
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
         self.sync(seq)
         if self.broken or self.matcher.is_terminated():
             return logits
+        bitmask = self._rows(len(prefixes))
+        filled: list[int] = []  # rows whose prefix the grammar takes, before it ends: their bitmask rows are filled
         path: list[int] = []  # tokens accepted past the committed state (nested prefixes share them)
         for i, prefix in enumerate(prefixes):
             common = 0
@@ -189,10 +187,25 @@ class GrammarProcessor:
             rest = prefix[common:]
             n = self._advance(rest)
             path.extend(rest[:n])
-            if n == len(rest) and not self.matcher.is_terminated() and not self.broken:
-                self._mask_row(logits[i:i + 1], seq)
+            if n == len(rest) and not self.matcher.is_terminated():
+                self.matcher.fill_next_token_bitmask(bitmask, i)
+                filled.append(i)
         if path:
             self.matcher.rollback(len(path))
+        if not filled:
+            return logits
+        # one emptiness check and one masking pass over every filled row, not a call (and a copy) per row
+        nonempty = bitmask[filled].ne(0).any(-1).tolist()
+        if not all(nonempty):
+            # the vocabulary cannot continue the grammar there (e.g. it lacks a character the grammar needs): the
+            # row stays as it is rather than all -inf (NaN under sampling), and the request is unconstrained now
+            self.broken = True
+            log.warning("request %s: no token of the vocabulary continues its grammar", seq.request_id)
+            filled = [i for i, ok in zip(filled, nonempty, strict=True) if ok]
+            if not filled:
+                return logits
+        self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                              indices=filled)
         return logits
 
     def first_refused(self, seq: Sequence, tokens: Seq[int]) -> int:
