@@ -45,7 +45,7 @@ def _wait_load(client: httpx.Client, url: str, n: int) -> None:
     """Until `n` requests are admitted (the server admits before the engine sees them, and never undoes it)."""
     t0 = time.monotonic()
     while client.get(f"{url}/load").json()["server_load"] < n:
-        assert time.monotonic() - t0 < 30, f"{n} request(s) were not admitted"
+        assert time.monotonic() - t0 < 120, f"{n} request(s) were not admitted"  # a hang guard only
         time.sleep(0.01)
 
 
