@@ -82,6 +82,8 @@ def test_a_killed_worker_fails_the_engine_cleanly(ckpt: Path) -> None:
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and '"code":500' in rest[-2]  # the open stream ended with an error
         poll(lambda: client.get(f"{url}/health").status_code == 503, "health stayed 200 with a rank dead")
-        eng.proc.join(60)  # the engine process ends with its rank (the bound only stops a hang)
-        assert not eng.proc.is_alive()
+        # the engine process ends with its rank. The server's own threads may reap it first, and then this thread's
+        # is_alive() can still say True (its waitpid gets ECHILD); the exit code, set by whichever thread reaped
+        # it, is certain. The bound only stops a hang.
+        poll(lambda: eng.proc.exitcode is not None, "the engine process outlived its dead rank")
         assert client.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 4}).status_code == 503
