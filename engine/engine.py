@@ -25,11 +25,11 @@ from engine.decoding.registry import DECODERS
 from engine.forward import Forward, ForwardRequest
 from engine.grammar import attach_grammar
 from engine.kv_cache import BlockManager
-from engine.logits_processing import build_pipeline, process
+from engine.logits_processing import build_pipeline, choose_next
 from engine.parallel.group import TensorParallelError
 from engine.policy import RequestPolicy
 from engine.runner import ModelRunner
-from engine.sampling import sample, token_logprobs
+from engine.sampling import token_logprobs
 from engine.scheduler import Scheduler
 from engine.sequence import RequestOutput, SamplingParams, Sequence, StepStats
 from engine.tokenizer import load_tokenizer
@@ -203,7 +203,7 @@ class Engine:
         if not (done and seq.sample_after_prefill):
             return Outcome([], num_kv_kept=len(req.token_ids))
         seq.sample_after_prefill = False
-        chosen = sample(process(rows[-1:], seq), seq.params, seq.generator, self.mask_token_id)
+        chosen = choose_next(rows[-1:], seq, self.mask_token_id)
         return emit_tokens(chosen, rows[-1:], seq,
                            self.decoder_ctx, num_kv_kept=len(req.token_ids))
 

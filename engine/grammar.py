@@ -4,8 +4,12 @@ and the per-sequence logits processor that masks every choice point (`GrammarPro
 The processor plugs into `engine.logits_processing` like any other control: row i of a call comes after the
 sequence's output tokens followed by `prefixes[i]` (a self_spec verify row after drafts d_1 .. d_i, a denoise row
 after the block's tokens to its left). Its matcher follows the emitted output lazily (it catches up on the tokens
-emitted since the last call), and for each row it advances over the row's prefix, fills the token bitmask, and
-rolls back: rows are masked position by position while the committed state never moves. A row whose prefix the
+emitted since the last call) and stands on a speculative path past it: for each row it rolls the path back to where
+it parts from the row's prefix, accepts the rest and fills the token bitmask. The path stays between calls, so a
+draft chosen row by row, the verify of that draft and the tokens the round emits are each accepted once, and
+emitted tokens already on the path are not accepted again. `allows` answers for one token without a bitmask, which
+is all a greedy choice needs when the model's own pick is grammatical (`engine.logits_processing.greedy_chain`).
+A row whose prefix the
 grammar refuses is left as it is: no decoder uses a row that comes after a refused token (a verify stops at the
 first draft that differs from the row before it, and a refused draft always differs).
 
@@ -132,6 +136,7 @@ class GrammarProcessor:
     """The logits processor of one constrained sequence (see the module docstring)."""
 
     needs_order = True  # diffusion commits a constrained block left to right (engine.logits_processing)
+    can_empty = False  # a row its bitmask would empty is left unmasked (below): it never empties a row itself
 
     def __init__(self, compiled: Any, vocab_size: int, stop_token_ids: Seq[int]) -> None:
         xgr = _xgr()
@@ -140,21 +145,36 @@ class GrammarProcessor:
         self.vocab_size = vocab_size
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # grown to the widest call, reused by each call
         self.consumed = 0  # output tokens the matcher has accepted
+        # tokens accepted past the committed output, kept between calls: a draft's rows, then its verify's, then
+        # the tokens the round emits walk one path, so each is accepted once (rolled back only where they part)
+        self.path: list[int] = []
         self.broken = False  # an emitted token was refused (cannot happen through the masks; logged once)
 
     # ---- following the committed output ----
     def sync(self, seq: Sequence) -> None:
-        """Accept the output tokens emitted since the last call."""
+        """Accept the output tokens emitted since the last call (those already on the path are kept as they are)."""
         out = seq.token_ids[seq.num_prompt_tokens + self.consumed:]
-        for tok in out:
+        if not out:
+            return
+        self.consumed += len(out)
+        path = self.path
+        m = 0
+        while m < len(out) and m < len(path) and out[m] == path[m]:
+            m += 1
+        del path[:m]  # committed now: the matcher already stands past them
+        if m == len(out):
+            return
+        if path:
+            self.matcher.rollback(len(path))
+            path.clear()
+        for tok in out[m:]:
             if self.broken or self.matcher.is_terminated():
                 break
             if not self.matcher.accept_token(int(tok)):
                 self.broken = True
                 log.warning("request %s: emitted token %d is outside its grammar", seq.request_id, tok)
-        self.consumed += len(out)
 
-    # ---- masks ----
+    # ---- the speculative path ----
     def _advance(self, tokens: Seq[int]) -> int:
         """Accept `tokens` in order until one is refused or the matcher ends; returns how many were accepted."""
         n = 0
@@ -164,6 +184,27 @@ class GrammarProcessor:
             n += 1
         return n
 
+    def _goto(self, prefix: Seq[int]) -> bool:
+        """Stand the matcher after `prefix` (following the committed output): roll the path back to where it
+        parts from `prefix`, accept the rest. True when the grammar takes the whole prefix and has not ended, i.e.
+        the row after it is masked."""
+        path = self.path
+        n = len(prefix)
+        common = 0
+        if len(path) >= n and path[:n] == list(prefix):
+            common = n
+        else:
+            while common < len(path) and common < n and path[common] == prefix[common]:
+                common += 1
+        if common < len(path):
+            self.matcher.rollback(len(path) - common)
+            del path[common:]
+        rest = prefix[common:]
+        accepted = self._advance(rest)
+        path.extend(int(t) for t in rest[:accepted])
+        return accepted == len(rest) and not self.matcher.is_terminated()
+
+    # ---- masks ----
     def _rows(self, n: int) -> torch.Tensor:
         """The first `n` rows of the sequence's reusable bitmask buffer (grown on demand, never shrunk)."""
         if self.bitmask.shape[0] < n:
@@ -172,26 +213,14 @@ class GrammarProcessor:
 
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
         self.sync(seq)
-        if self.broken or self.matcher.is_terminated():
+        if self.broken:  # (not is_terminated(): that is the path's state, and _goto finds the committed one's)
             return logits
         bitmask = self._rows(len(prefixes))
         filled: list[int] = []  # rows whose prefix the grammar takes, before it ends: their bitmask rows are filled
-        path: list[int] = []  # tokens accepted past the committed state (nested prefixes share them)
         for i, prefix in enumerate(prefixes):
-            common = 0
-            while common < len(path) and common < len(prefix) and path[common] == prefix[common]:
-                common += 1
-            if common < len(path):
-                self.matcher.rollback(len(path) - common)
-                del path[common:]
-            rest = prefix[common:]
-            n = self._advance(rest)
-            path.extend(rest[:n])
-            if n == len(rest) and not self.matcher.is_terminated():
+            if self._goto(prefix):
                 self.matcher.fill_next_token_bitmask(bitmask, i)
                 filled.append(i)
-        if path:
-            self.matcher.rollback(len(path))
         if not filled:
             return logits
         # one emptiness check and one masking pass over every filled row, not a call (and a copy) per row
@@ -208,16 +237,46 @@ class GrammarProcessor:
                                               indices=filled)
         return logits
 
+    def allows(self, seq: Sequence, prefix: Seq[int], token: int) -> bool:
+        """Whether the row after `prefix` keeps `token` under this processor's mask, i.e. the grammar takes `token`
+        there (or that row is not masked at all: the prefix is refused or the grammar has ended). A yes puts
+        `token` on the path, so the next row, after `prefix + token`, costs no rollback."""
+        self.sync(seq)
+        if self.broken:
+            return True
+        n = len(prefix)
+        path = self.path
+        if len(path) > n and path[n] == token and path[:n] == list(prefix):
+            return True  # the path took it there already
+        if not self._goto(prefix):
+            return True
+        if self.matcher.accept_token(int(token)):
+            path.append(int(token))
+            return True
+        return False
+
+    def best(self, seq: Sequence, prefix: Seq[int], row: torch.Tensor) -> int | None:
+        """The argmax of `row` [V] (the other controls applied) under the mask of the row after `prefix`; None when
+        that row is not masked or its mask is empty (the caller then runs the full pipeline, fallbacks and all)."""
+        self.sync(seq)
+        if self.broken or not self._goto(prefix):
+            return None
+        bitmask = self._rows(1)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        masked = row[None].clone()
+        self._xgr.apply_token_bitmask_inplace(masked, bitmask.to(row.device), vocab_size=self.vocab_size)
+        best = masked.max(-1)
+        return int(best.indices) if bool(torch.isfinite(best.values)) else None
+
     def first_refused(self, seq: Sequence, tokens: Seq[int]) -> int:
         """Index of the first of `tokens` (following the output so far) that the grammar refuses, or comes after
-        the grammar has ended; len(tokens) when it takes them all."""
+        the grammar has ended; len(tokens) when it takes them all. Leaves the matcher on the path of the ones it
+        took."""
         self.sync(seq)
         if self.broken:
             return len(tokens)
-        n = self._advance(tokens)  # stops at a refused token and after a stop id
-        if n:
-            self.matcher.rollback(n)
-        return n
+        self._goto(tokens)  # stops at a refused token and after a stop id
+        return len(self.path)  # the path is now the part of `tokens` the grammar took
 
 
 def grammar_of(seq: Sequence) -> GrammarProcessor | None:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from engine.sampling import exclude, greedy, sample
 from engine.sequence import SamplingParams, Sequence
 
 NEG_INF = float("-inf")
@@ -38,6 +39,19 @@ log = logging.getLogger("trimode.engine")
 class LogitsProcessor(Protocol):
     def __call__(self, logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
         """Rows [N, V] fp32 (a private copy: in-place edits are fine) -> processed rows."""
+
+
+class MaskProcessor(LogitsProcessor, Protocol):
+    """A processor that only makes tokens impossible (never moves a finite logit) and can say, for one token, whether
+    it would (a grammar). A greedy choice asks it about the token the other controls pick instead of building its
+    mask: when that token survives, it is the masked row's argmax too (`greedy_chain`)."""
+
+    def allows(self, seq: Sequence, prefix: Seq[int], token: int) -> bool:
+        """Whether the row after `prefix` keeps `token` finite."""
+
+    def best(self, seq: Sequence, prefix: Seq[int], row: torch.Tensor) -> int | None:
+        """The argmax of `row` [V] under the mask of the row after `prefix`; None when that row is unmasked or the
+        mask leaves nothing (the full pipeline decides those)."""
 
 
 @dataclass
@@ -87,6 +101,89 @@ def process(logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]] 
     if pipe is None or not pipe.processors:
         return logits
     return pipe.apply(logits, seq, [()] * logits.shape[0] if prefixes is None else prefixes)
+
+
+def choose_next(rows: torch.Tensor, seq: Sequence, mask_id: int | None) -> list[int]:
+    """The token after the output so far from its row [1, V]: `sample(process(rows, seq), ...)`, a greedy choice
+    through `greedy_chain` (no mask built where the model's pick is allowed)."""
+    if seq.params.temperature == 0:
+        return greedy_chain(rows, seq, mask_id)
+    return sample(process(rows, seq), seq.params, seq.generator, mask_id)
+
+
+CANDIDATES = 2  # a row's best tokens a mask processor is asked about before its mask is built (measured:
+# under a JSON schema the built-in model's first or second token is kept in 69 % of draft rows, its first eight in 73 %)
+
+
+def greedy_chain(logits: torch.Tensor, seq: Sequence, mask_id: int | None,
+                 follow: Seq[int] | None = None) -> list[int]:
+    """Greedy tokens of rows that follow one another, each after the tokens of the rows before it: its own picks
+    (a draft, `follow=None`), or `follow[:i]` (a verify row i after drafts d_1 .. d_i; the walk stops after the
+    first pick that differs from `follow`, or after row len(follow)). Equal, row for row, to
+    `greedy(exclude(process(logits, seq, prefixes), mask_id))` with those prefixes, but the mask processors (a
+    grammar) are asked about the row's best tokens in order instead of building their masks: the first one they all
+    keep is the masked row's argmax. Only a row where they refuse every candidate builds the masks.
+    """
+    pipe: LogitsPipeline | None = seq.logits_pipeline
+    masks: list[MaskProcessor] = [p for p in pipe.processors if hasattr(p, "allows")] if pipe else []  # type: ignore[misc]
+    others = [p for p in pipe.processors if not hasattr(p, "allows")] if pipe is not None else []
+    n = logits.shape[0] if follow is None else min(logits.shape[0], len(follow) + 1)
+    width = min(CANDIDATES + 1, logits.shape[-1])  # one more: the bound on the tokens left out
+    rows: torch.Tensor | None = None
+    if not others or follow is not None:  # every row's prefix is known: the other controls run in one call
+        rows = _run(others, logits[:n].float().clone() if others else logits[:n].float(), seq,
+                    [tuple(follow[:i]) for i in range(n)] if follow is not None else [()] * n)
+        rows = exclude(rows, mask_id)
+        if not masks:  # plain greedy rows
+            top = greedy(rows).tolist()
+            c = 0
+            while follow is not None and c < len(follow) and top[c] == follow[c]:
+                c += 1
+            return top if follow is None else top[:c + 1]
+        best = rows.topk(width, dim=-1)
+        ranked = best.values.tolist(), best.indices.tolist()
+    picks: list[int] = []
+    for i in range(n):
+        prefix = tuple(follow[:i]) if follow is not None else tuple(picks)
+        t = None
+        if masks:
+            if rows is None:
+                row = exclude(_run(others, logits[i:i + 1].float().clone(), seq, [prefix]), mask_id)[0]
+                best = row.topk(width)
+                values, ids = best.values.tolist(), best.indices.tolist()
+            else:
+                row, values, ids = rows[i], ranked[0][i], ranked[1][i]
+            t = _first_kept(values, ids, masks, seq, prefix, logits.shape[-1])
+            if t is None and len(masks) == 1:  # its candidates refused: its mask over this row
+                t = masks[0].best(seq, prefix, row)
+        if t is None:  # no mask, or a row the controls or a mask empty: the full pipeline on this row
+            t = int(greedy(exclude(process(logits[i:i + 1], seq, [prefix]), mask_id)))
+        picks.append(t)
+        if follow is not None and (i == len(follow) or t != follow[i]):
+            break
+    return picks
+
+
+def _first_kept(values: list[float], ids: list[int], masks: list[MaskProcessor], seq: Sequence,
+                prefix: tuple[int, ...], vocab: int) -> int | None:
+    """The first of a row's best tokens (value descending, then id ascending: argmax's order on ties) that every
+    mask keeps; None when none does or that would not make it the masked row's argmax. The last of `values` (one
+    more than the candidates, unless they are the whole vocabulary) bounds the tokens left out: a candidate that
+    does not beat it strictly may tie with one of them that comes first."""
+    bound = values[-1] if len(ids) < vocab else NEG_INF
+    for v, t in sorted(zip(values, ids), key=lambda c: (-c[0], c[1])):
+        if v == NEG_INF or (v <= bound and len(ids) < vocab):
+            return None  # an empty row, or no candidate left that is sure to come first
+        if all(m.allows(seq, prefix, t) for m in masks):
+            return t
+    return None
+
+
+def _run(procs: Seq[LogitsProcessor], rows: torch.Tensor, seq: Sequence,
+         prefixes: Seq[tuple[int, ...]]) -> torch.Tensor:
+    for proc in procs:
+        rows = proc(rows, seq, prefixes)
+    return rows
 
 
 def committed_prefixes(block: Seq[int], positions: Seq[int], mask_id: int | None, start: int = 1) -> list[tuple]:

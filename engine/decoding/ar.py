@@ -6,8 +6,7 @@ import torch
 
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.forward import BatchKey, Forward, ForwardRequest
-from engine.logits_processing import process
-from engine.sampling import sample
+from engine.logits_processing import choose_next
 from engine.sequence import Sequence
 
 _KEY = BatchKey(Forward.AR_DECODE)
@@ -19,5 +18,5 @@ class AR(Decoder):
 
     def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
                             ctx: DecoderContext) -> Outcome:
-        chosen = sample(process(logits[-1:], seq), seq.params, seq.generator, ctx.mask_id)
+        chosen = choose_next(logits[-1:], seq, ctx.mask_id)
         return emit_tokens(chosen, logits[-1:], seq, ctx, num_kv_kept=1)

@@ -54,8 +54,8 @@ from engine.decoding.costs import ForwardCosts, clock_for, measure
 from engine.decoding.modes import AUTO_ITERATIONS
 from engine.decoding.spec import SelfSpec, SpecState
 from engine.forward import BatchKey, Forward, ForwardRequest
-from engine.logits_processing import process
-from engine.sampling import keyed_gumbel, keyed_pick, sample
+from engine.logits_processing import choose_next, process
+from engine.sampling import keyed_gumbel, keyed_pick
 from engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger("trimode.engine")
@@ -485,13 +485,12 @@ class AutoDecoder(Decoder):
                             ctx: DecoderContext) -> Outcome:
         st: AutoState = seq.state
         if req.forward == Forward.AR_DECODE:
-            rows = logits[-1:]
-            chosen_from = process(rows, seq)  # logprobs stay the raw rows'
+            rows = logits[-1:]  # logprobs stay the raw rows'
             if keyed(seq.params):
                 noise = keyed_gumbel(seq.params.seed, [len(seq.token_ids)], rows.shape[-1])  # type: ignore[arg-type]
-                tokens = keyed_pick(chosen_from, seq.params, ctx.mask_id, noise).tolist()
+                tokens = keyed_pick(process(rows, seq), seq.params, ctx.mask_id, noise).tolist()
             else:
-                tokens = sample(chosen_from, seq.params, seq.generator, ctx.mask_id)
+                tokens = choose_next(rows, seq, ctx.mask_id)
             st.choice = None
             st.ar_iterations += 1
             st.ar_since_round += 1

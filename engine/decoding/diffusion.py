@@ -20,8 +20,8 @@ import torch
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.modes import DENOISE_STEPS_PER_BLOCK
 from engine.forward import BatchKey, Forward, ForwardRequest
-from engine.logits_processing import committed_prefixes, process
-from engine.sampling import denoise_pick, sample, token_logprobs
+from engine.logits_processing import choose_next, committed_prefixes, process
+from engine.sampling import denoise_pick, token_logprobs
 from engine.sequence import Logprob, Sequence
 
 
@@ -59,7 +59,7 @@ class BlockDiffusion(Decoder):
         st: DiffusionState = seq.state
         if req.forward == Forward.COMMIT:
             seq.state = None
-            seed = sample(process(logits[-1:], seq), seq.params, seq.generator, ctx.mask_id)
+            seed = choose_next(logits[-1:], seq, ctx.mask_id)
             return emit_tokens(seed, logits[-1:], seq, ctx, num_kv_kept=len(req.token_ids))
         p = seq.params
         block = st.block

@@ -38,7 +38,7 @@ from engine.decoding.diffusion import commit_count
 from engine.decoding.modes import SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
 from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.grammar import GrammarProcessor, grammar_of
-from engine.logits_processing import committed_prefixes, process
+from engine.logits_processing import committed_prefixes, greedy_chain, process
 from engine.sampling import (
     exclude,
     greedy,
@@ -129,9 +129,13 @@ class SelfSpec(Decoder):
         masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
         rows = exclude(logits[masked], ctx.mask_id)
         conf: torch.Tensor | None = None
-        if seq.logits_pipeline is not None and p.threshold is None:
-            # one-shot with sampling controls: d_i drawn from q_i after d_1 .. d_{i-1}, as the verify row of d_i
-            # sees them (an autoregressive q keeps speculative sampling exact and greedy drafts match more often)
+        if seq.logits_pipeline is not None and p.threshold is None and p.temperature == 0:
+            # one-shot greedy with sampling controls: d_i is the row's pick after d_1 .. d_{i-1}, as the verify
+            # row of d_i sees them (so greedy drafts match more often)
+            x0 = torch.tensor(greedy_chain(logits[masked], seq, ctx.mask_id), dtype=torch.long)
+        elif seq.logits_pipeline is not None and p.threshold is None:
+            # one-shot sampled with sampling controls: d_i drawn from q_i after d_1 .. d_{i-1}, likewise (an
+            # autoregressive q keeps speculative sampling exact)
             picks, qs = [], []
             for j in range(len(masked)):
                 x, q = self._pick(st, seq, process(rows[j:j + 1], seq, [tuple(picks)]), masked[j:j + 1])
@@ -188,20 +192,21 @@ class SelfSpec(Decoder):
         drafts = st.block[1:]
         k = len(drafts)
         raw = logits  # logprobs: the model's own rows
-        if seq.logits_pipeline is not None:  # row i follows d_1 .. d_i, as the ar step at that position would
-            logits = process(logits, seq, [tuple(drafts[:i]) for i in range(k + 1)])
-        if p.temperature == 0 or st.keyed:
-            if p.temperature == 0:
-                picks = greedy(exclude(logits, ctx.mask_id)).tolist()  # picks[i]: the AR token of position i + 1
-            else:
-                picks = keyed_pick(logits, p, ctx.mask_id, self._noise(st, seq, logits.shape[-1])).tolist()
-            c = 0
-            while c < k and picks[c] == drafts[c]:
-                c += 1
-            tokens = picks[: c + 1]
+        if p.temperature == 0:  # the AR token of each position, up to the first that differs from its draft
+            tokens = greedy_chain(logits, seq, ctx.mask_id, follow=drafts)
+            c = len(tokens) - 1
         else:
-            c, nxt = speculative_verify(probabilities(logits, p, ctx.mask_id), drafts, st.q, seq.generator)
-            tokens = drafts[:c] + [nxt]
+            if seq.logits_pipeline is not None:  # row i follows d_1 .. d_i, as the ar step at that position would
+                logits = process(logits, seq, [tuple(drafts[:i]) for i in range(k + 1)])
+            if st.keyed:
+                picks = keyed_pick(logits, p, ctx.mask_id, self._noise(st, seq, logits.shape[-1])).tolist()
+                c = 0
+                while c < k and picks[c] == drafts[c]:
+                    c += 1
+                tokens = picks[: c + 1]
+            else:
+                c, nxt = speculative_verify(probabilities(logits, p, ctx.mask_id), drafts, st.q, seq.generator)
+                tokens = drafts[:c] + [nxt]
         out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1,
                           counters={SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k, SPEC_ACCEPTED_TOKENS: c})
         return RoundResult(out, c, k, st.draft_forwards)
