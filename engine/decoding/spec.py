@@ -51,6 +51,33 @@ from engine.sequence import Sequence
 
 
 @dataclass
+class Tally:
+    """A sequence's own rounds so far, by where their drafts came from: what the choice to reuse drafts weighs."""
+
+    fresh_rounds: int = 0  # rounds that ran a draft forward
+    fresh_accepted: int = 0
+    reused_rounds: int = 0  # rounds over drafts left over from an earlier draft forward (no draft forward)
+    reused_accepted: int = 0
+
+    def add(self, reused: bool, accepted: int) -> None:
+        if reused:
+            self.reused_rounds += 1
+            self.reused_accepted += accepted
+        else:
+            self.fresh_rounds += 1
+            self.fresh_accepted += accepted
+
+    def reuse_pays(self) -> bool:
+        """A reused round makes 1 + E' tokens in one forward, a fresh one 1 + E in two (E, E': the mean drafts
+        kept by this sequence's rounds of each kind); until a reused round has run, reuse is tried (it makes at
+        least one token per forward, which a fresh round does only when E >= 1)."""
+        if not self.reused_rounds:
+            return True
+        e = self.fresh_accepted / max(self.fresh_rounds, 1)
+        return 1.0 + self.reused_accepted / self.reused_rounds > (1.0 + e) / 2.0
+
+
+@dataclass
 class SpecState:
     block: list[int]  # [seed, d1 ... dk]; masks while drafting
     block_length: int  # this round's L (the batching key)
@@ -60,6 +87,8 @@ class SpecState:
     q: torch.Tensor | None = None  # one-shot sampled drafts: the q_i rows [k, V]; None = deterministic drafts
     noise: torch.Tensor | None = None  # keyed rounds: Gumbel rows of positions start .. start + k, made once
     draft_forwards: int = 0
+    reused: bool = False  # drafts left over from an earlier round's draft forward; block[0] is set when it runs
+    tally: Tally | None = None  # the sequence's rounds before this one (self_spec's own rounds; None under auto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,19 +130,41 @@ class SelfSpec(Decoder):
     # ---- the mode's own decoder interface ----
     def next_forward(self, seq: Sequence, ctx: DecoderContext) -> ForwardRequest:
         assert seq.params.block_length is not None
-        if seq.state is None:
-            seq.state = self.begin(seq, ctx, seq.params.block_length)
-        return self.request(seq.state, ctx)
+        st: SpecState | None = seq.state
+        if st is None or not st.block:  # a new round (the placeholder `_next_round` left carries the tally)
+            tally = st.tally if st is not None and st.tally is not None else Tally()
+            st = seq.state = self.begin(seq, ctx, seq.params.block_length)
+            st.tally = tally
+        elif st.reused and st.block[0] == ctx.mask_id:  # leftover drafts: the seed is the token the last round made
+            k = min(len(st.block) - 1, seq.params.max_tokens - seq.num_output_tokens - 1)
+            st.block = [seq.token_ids[-1]] + st.block[1:k + 1]
+            st.q = st.q[:k] if st.q is not None else None
+        return self.request(st, ctx)
 
     def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
                             ctx: DecoderContext) -> Outcome:
         done = self.advance(seq.state, seq, req, logits, ctx)
         if done is None:
             return Outcome([])
-        seq.state = None
+        seq.state = self._next_round(seq.state, seq, done, ctx)
         if ctx.auto is not None:  # self_spec rounds teach auto the checkpoint's acceptance too
             ctx.auto.learn(seq.params, False, done.accepted, done.drafted, done.draft_forwards)
         return done.outcome
+
+    @staticmethod
+    def _next_round(st: SpecState, seq: Sequence, done: RoundResult, ctx: DecoderContext) -> SpecState:
+        """What the next round starts from (its seed, this round's last token, is set by `next_forward`): the drafts
+        this round's draft forward made past the first rejection when reusing them pays (see the module docstring),
+        else a fresh round; either carries the sequence's tally."""
+        assert st.tally is not None
+        st.tally.add(st.reused, done.accepted)
+        c, k = done.accepted, done.drafted
+        reusable = seq.logits_pipeline is None and not st.keyed and seq.params.threshold is None and c < k - 1 \
+            and (seq.params.temperature == 0 or st.q is not None)
+        if reusable and st.tally.reuse_pays():
+            return SpecState([ctx.mask_id] + st.block[c + 2:], st.block_length, st.start + c + 1, drafted=True,
+                             q=st.q[c + 1:] if st.q is not None else None, reused=True, tally=st.tally)
+        return SpecState([], st.block_length, 0, tally=st.tally)  # a placeholder: `next_forward` begins the round
 
     # ---- the two forwards ----
     @staticmethod
