@@ -1,5 +1,5 @@
 """`self_spec`: linear self-speculation, as the reference `linear_spec_generate`, batched, with lossless
-speculative sampling at temperature > 0.
+speculative sampling at temperature > 0, and rounds over drafts an earlier draft forward left over.
 
 Each round is two forwards over `[seed, d1 ... dk]` (k = L - 1, fewer near `max_tokens`): a bidirectional
 read-only draft (draft LoRA on when the checkpoint ships one) that fills the masks, then a causal verify that
@@ -25,6 +25,21 @@ absolute position and the request's seed (`engine.sampling.keyed_gumbel`): the o
 argmax(log p + g) whoever drafted, which makes an `auto` request's seeded output independent of its ar / self_spec
 choices. Every random draw comes from the sequence's own generator (or its seed), so seeded requests are
 reproducible and independent of the batch.
+
+Leftover drafts (self_spec's own rounds; not under `auto`, whose planner prices rounds itself). A round rejected
+at draft c + 1 < k emits its token at that position; the drafts d_{c+2} .. d_k its draft forward made are still
+proposals for the very positions that follow, so the next round may verify `[new seed, d_{c+2} .. d_k]` (with their
+q rows) in one forward, without a draft forward of its own. It is exact by the argument above: a one-shot draft
+drew d_{c+2} .. d_k from the old context alone, independently of d_{c+1}, of the coins and of the residual draw
+that ended the round, so given everything the new round's acceptance can depend on they are still draws from their
+q rows (a q computed from less context than p sees is still a valid q: speculative sampling is exact for any q the
+drafts were drawn from). Argmax drafts (T = 0) are a deterministic drafter, exact as before. Not reused: drafts
+drawn one by one under logits controls or a grammar (d_{c+2} depended on the rejected d_{c+1}), threshold drafting
+and keyed rounds. Whether to reuse is the sequence's own choice from its tally (`Tally.reuse_pays`): a reused
+round makes 1 + E' tokens in one forward, a fresh one 1 + E in two, E and E' the mean drafts kept by its rounds of
+each kind. At T = 1 on the built-in model E is about 0.9 (under one token per forward) and E' about 0.33, so most
+rounds reuse; greedy E is about 5, so fresh rounds dominate. The choice depends on the sequence's past alone, so it
+changes neither what is emitted nor a seeded request's independence of the batch.
 """
 
 from __future__ import annotations
