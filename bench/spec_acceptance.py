@@ -109,10 +109,12 @@ class Overlaps:
         shown = sorted(self.counts)[:positions]
         lines = [f"T={temperature} sum_x min(p, q_s) by draft position (rounds reaching it: "
                  + " ".join(str(self.counts[i]) for i in shown) + ")"]
+        checked = sum(self.counts.values())
         for s in self.scales:
             by_pos = [self.sums[(s, i)] / self.counts[i] for i in shown]
+            mean = sum(self.sums[(s, i)] for i in self.counts) / checked
             lines.append(f"  s={s:<5} " + " ".join(f"{a:.3f}" for a in by_pos)
-                         + f"   mean over checked positions {sum(self.sums[(s, i)] for i in self.counts) / sum(self.counts.values()):.4f}")
+                         + f"   mean over checked positions {mean:.4f}")
         self.sums.clear()
         self.counts.clear()
         return lines
