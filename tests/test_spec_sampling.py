@@ -215,17 +215,6 @@ def test_a_biased_rule_in_reused_rounds_alone_fails_the_same_test(small_vocab_ck
     assert p < 1e-6, f"the biased rule passed: chi2 {stat:.1f} on {df} df, p = {p:.2g}"
 
 
-def test_greedy_self_spec_with_reused_drafts_equals_ar(small_vocab_ckpt, monkeypatch):
-    """Rounds over leftover argmax drafts keep only what ar would pick: greedy output stays ar's, token for token."""
-    llm = make_llm(small_vocab_ckpt)
-    rounds = count_reused_rounds(monkeypatch)
-    prompts = [[5 + i % 9, 6, 7 + i % 3, 4 + i % 5] for i in range(8)]
-    ar = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True, mode="ar"))
-    spec = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True, mode="self_spec"))
-    assert [o.token_ids for o in spec] == [o.token_ids for o in ar]
-    assert rounds[True] > 0
-
-
 @pytest.mark.parametrize("mode", ["self_spec", "auto"])
 def test_seeded_sampling_is_independent_of_the_batch(small_vocab_ckpt, mode):
     """A seeded request's tokens alone equal its tokens among 15 others of every mode (auto: keyed rounds)."""
