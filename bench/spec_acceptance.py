@@ -66,55 +66,64 @@ class Figures:
 
 
 class Overlaps:
-    """sum_x min(p, q_s) per draft position and scale, from the draft and verify rows of real rounds."""
+    """sum_x min(p, q_s) per draft position, scale and round kind (fresh drafts, or drafts left over from an earlier
+    round's draft forward), from the draft and verify rows of real rounds."""
 
     def __init__(self, scales: list[float]) -> None:
         self.scales = scales
-        self.sums: dict[tuple[float, int], float] = {}
-        self.counts: dict[int, int] = {}
+        self.sums: dict[tuple[bool, float, int], float] = {}
+        self.counts: dict[tuple[bool, int], int] = {}
 
     def install(self) -> None:
-        """Wrap SelfSpec's draft and verify to record the rows (one-shot rounds without logits controls only)."""
+        """Wrap SelfSpec's draft and verify to record the rows (one-shot rounds without logits controls only):
+        draft rows by (request, absolute position), so a round over leftover drafts finds the rows they came from."""
         import engine.decoding.spec as spec
         from engine.sampling import exclude, probabilities
 
         draft, verify = spec.SelfSpec._draft, spec.SelfSpec._verify
-        rows_of: dict[int, torch.Tensor] = {}
+        rows_at: dict[tuple[str, int], torch.Tensor] = {}
 
         def _draft(this, st, seq, logits, ctx):
-            masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
-            rows_of[id(st)] = exclude(logits[masked], ctx.mask_id)
+            for i, t in enumerate(st.block):
+                if t == ctx.mask_id and i > 0:  # block index i is absolute position st.start + i - 1
+                    rows_at[(seq.request_id, st.start + i - 1)] = exclude(logits[i:i + 1], ctx.mask_id)
             return draft(this, st, seq, logits, ctx)
 
         def _verify(this, st, seq, logits, ctx):
             result = verify(this, st, seq, logits, ctx)
-            rows = rows_of.pop(id(st), None)
             t = seq.params.temperature
-            if rows is not None and t > 0 and seq.logits_pipeline is None:
+            if t > 0 and seq.logits_pipeline is None and not st.keyed and seq.params.threshold is None:
                 reached = min(result.accepted + 1, result.drafted)  # positions whose draft was checked
-                p = probabilities(logits[:reached], seq.params, ctx.mask_id)
-                for s in self.scales:
-                    q = probabilities(rows[:reached] / s, seq.params, None)
-                    for i, a in enumerate(torch.minimum(p, q).sum(-1).tolist()):
-                        self.sums[(s, i)] = self.sums.get((s, i), 0.0) + a
-                for i in range(reached):
-                    self.counts[i] = self.counts.get(i, 0) + 1
+                rows = [rows_at.get((seq.request_id, st.start + j)) for j in range(reached)]
+                if all(r is not None for r in rows) and rows:
+                    p = probabilities(logits[:reached], seq.params, ctx.mask_id)
+                    raw = torch.cat(rows)  # type: ignore[arg-type]
+                    for s in self.scales:
+                        q = probabilities(raw / s, seq.params, None)
+                        for i, a in enumerate(torch.minimum(p, q).sum(-1).tolist()):
+                            self.sums[(st.reused, s, i)] = self.sums.get((st.reused, s, i), 0.0) + a
+                    for i in range(reached):
+                        self.counts[(st.reused, i)] = self.counts.get((st.reused, i), 0) + 1
+            for j in range(result.accepted + 1):  # rows of positions now behind the sequence are never used again
+                rows_at.pop((seq.request_id, st.start + j), None)
             return result
 
         spec.SelfSpec._draft, spec.SelfSpec._verify = _draft, _verify  # type: ignore[method-assign]
 
     def report(self, temperature: float, positions: int) -> list[str]:
-        if not self.counts:
-            return []
-        shown = sorted(self.counts)[:positions]
-        lines = [f"T={temperature} sum_x min(p, q_s) by draft position (rounds reaching it: "
-                 + " ".join(str(self.counts[i]) for i in shown) + ")"]
-        checked = sum(self.counts.values())
-        for s in self.scales:
-            by_pos = [self.sums[(s, i)] / self.counts[i] for i in shown]
-            mean = sum(self.sums[(s, i)] for i in self.counts) / checked
-            lines.append(f"  s={s:<5} " + " ".join(f"{a:.3f}" for a in by_pos)
-                         + f"   mean over checked positions {mean:.4f}")
+        lines = []
+        for kind in (False, True):
+            shown = sorted(i for r, i in self.counts if r == kind)[:positions]
+            if not shown:
+                continue
+            lines.append(f"T={temperature} {'reused' if kind else 'fresh'} rounds: sum_x min(p, q_s) by draft position "
+                         "(rounds reaching it: " + " ".join(str(self.counts[(kind, i)]) for i in shown) + ")")
+            checked = sum(n for (r, _), n in self.counts.items() if r == kind)
+            for s in self.scales:
+                by_pos = [self.sums[(kind, s, i)] / self.counts[(kind, i)] for i in shown]
+                mean = sum(v for (r, sc, _), v in self.sums.items() if r == kind and sc == s) / checked
+                lines.append(f"  s={s:<5} " + " ".join(f"{a:.3f}" for a in by_pos)
+                             + f"   mean over checked positions {mean:.4f}")
         self.sums.clear()
         self.counts.clear()
         return lines
