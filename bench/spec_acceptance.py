@@ -166,7 +166,8 @@ def run(llm: LLM, prompts: list[str], temperature: float, seed: int, args: argpa
         del llm.engine.step
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[float, Figures]:
+    """Print the figures of every temperature, and return them."""
     ap = argparse.ArgumentParser(prog="python -m bench.spec_acceptance", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in trimode-tiny)")
     ap.add_argument("--prompts", type=int, default=48, help="held-out prompts (at most the file's 48)")
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts()[: args.prompts]
     llm = LLM(model=args.model, max_num_seqs=max(64, len(prompts)), num_threads=args.threads)
     overlaps = None
+    results: dict[float, Figures] = {}
     if args.overlap:
         overlaps = Overlaps([float(s) for s in args.scales.split(",")])
         overlaps.install()
@@ -193,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             figures.add(*run(llm, prompts, temperature, seed, args))
         figures.restore()  # type: ignore[attr-defined]
+        results[temperature] = figures
         print(figures.line(temperature), flush=True)
         if overlaps is not None:
             for line in overlaps.report(temperature, args.positions):
                 print(line, flush=True)
+    return results
 
 
 if __name__ == "__main__":
