@@ -117,15 +117,32 @@ def mixed_choices(llm: LLM, monkeypatch) -> None:
     monkeypatch.setattr(planner, "decide", decide)
 
 
+def count_reused_rounds(monkeypatch) -> dict[bool, int]:
+    """Rounds verified, by whether their drafts were left over from an earlier round's draft forward."""
+    rounds = {False: 0, True: 0}
+    verify = spec_module.SelfSpec._verify
+
+    def counting(self, st, seq, logits, ctx):
+        rounds[st.reused] += 1
+        return verify(self, st, seq, logits, ctx)
+
+    monkeypatch.setattr(spec_module.SelfSpec, "_verify", counting)
+    return rounds
+
+
 @pytest.mark.parametrize("filters", FILTERS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_self_spec_first_tokens_follow_ar_exactly(small_vocab_ckpt, temperature, filters):
+def test_self_spec_first_tokens_follow_ar_exactly(small_vocab_ckpt, temperature, filters, monkeypatch):
+    """A first round rejected at its first draft leaves its second draft to a round without a draft forward, so
+    the third token comes through fresh and reused drafts alike."""
     llm = make_llm(small_vocab_ckpt)
+    rounds = count_reused_rounds(monkeypatch)
     dist = exact_distribution(llm.engine.runner.model, sampling(temperature, FILTERS[filters]))
     params = [sampling(temperature, FILTERS[filters], mode="self_spec", seed=s)
               for s in seeds(f"self_spec {temperature} {filters}")]
     stat, df, p = chi_square(sample_counts(llm, params), dist, N)
     assert p > ALPHA, f"chi2 {stat:.1f} on {df} df: p = {p:.2g}"
+    assert rounds[True] > N / 10 and rounds[False] >= N  # both kinds of round ran, many times
 
 
 @pytest.mark.parametrize("filters", FILTERS)
@@ -174,6 +191,26 @@ def test_a_biased_rule_fails_the_same_test(small_vocab_ckpt, monkeypatch):
     llm = make_llm(small_vocab_ckpt)
     dist = exact_distribution(llm.engine.runner.model, sampling(1.0, {}))
     params = [sampling(1.0, {}, mode="self_spec", seed=s) for s in seeds("biased")]
+    stat, df, p = chi_square(sample_counts(llm, params), dist, N)
+    assert p < 1e-6, f"the biased rule passed: chi2 {stat:.1f} on {df} df, p = {p:.2g}"
+
+
+def test_a_biased_rule_in_reused_rounds_alone_fails_the_same_test(small_vocab_ckpt, monkeypatch):
+    """The residual drawn from p in the rounds over leftover drafts only: the test sees those rounds' tokens."""
+    real_verify, real_rule = spec_module.SelfSpec._verify, spec_module.speculative_verify
+
+    def biased(p, drafts, q, generator):
+        c, _ = real_rule(p, drafts, q, generator)
+        return c, int(torch.multinomial(p[min(c, len(drafts))], 1, generator=generator))
+
+    def verify(self, st, seq, logits, ctx):
+        monkeypatch.setattr(spec_module, "speculative_verify", biased if st.reused else real_rule)
+        return real_verify(self, st, seq, logits, ctx)
+
+    monkeypatch.setattr(spec_module.SelfSpec, "_verify", verify)
+    llm = make_llm(small_vocab_ckpt)
+    dist = exact_distribution(llm.engine.runner.model, sampling(1.0, {}))
+    params = [sampling(1.0, {}, mode="self_spec", seed=s) for s in seeds("biased reused")]
     stat, df, p = chi_square(sample_counts(llm, params), dist, N)
     assert p < 1e-6, f"the biased rule passed: chi2 {stat:.1f} on {df} df, p = {p:.2g}"
 
