@@ -159,7 +159,8 @@ class Engine:
             sched.blocks.drop_pending()  # blocks registered for this forward may hold no K/V: never share them
             raise BatchError([s.request_id for s in batch.seqs], exc) from exc
         if auto is not None:  # auto refines its forward costs from every step's time
-            auto.observe(batch.requests, auto.clock() - started, self.scheduler.running)
+            auto.observe(batch.requests, auto.clock() - started, self.scheduler.running,
+                         waiting=len(self.scheduler.waiting))
         return outputs
 
     def _run_batch(self, batch: Batch, stats: StepStats, preempted_before: int) -> list[RequestOutput]:

@@ -294,12 +294,27 @@ def test_a_weight_bound_gpu_speculates_at_every_load():
 def test_low_acceptance_keeps_ar_and_the_plan_picks_the_best_sequences():
     planner = planner_for(2.0, 0.15, merged=True)
     assert set(planner.plan(autos(1, alpha=0.3)).values()) == {(AR, 0)}
-    # four sequences, one of them in a repetitive stretch: only that one speculates
+    # four sequences, one of them in a repetitive stretch, and requests waiting for a place: only that one
+    # speculates (it leaves sooner, and a waiting request takes its place)
     seqs = autos(3, alpha=0.3) + autos(1, alpha=0.99)
     seqs[-1].request_id = "lucky"
     planner.running = seqs
+    planner.waiting = 2
     plan = planner.plan(seqs)
     assert plan["lucky"][0] == SPEC and [plan[s.request_id] for s in seqs[:3]] == [(AR, 0)] * 3
+
+
+def test_a_draining_batch_speeds_no_one_at_the_others_cost():
+    """Nothing waits to join: a sequence that leaves early frees a place nobody takes, so speculating for the lucky
+    one alone only makes every step of the other three costlier; speculating for all pays when all are lucky."""
+    planner = planner_for(2.0, 0.15, merged=True)
+    seqs = autos(3, alpha=0.3) + autos(1, alpha=0.99)
+    seqs[-1].request_id = "lucky"
+    planner.running = seqs
+    assert set(planner.plan(seqs).values()) == {(AR, 0)}
+    lucky = autos(2, alpha=0.99)
+    planner.running = lucky
+    assert {c[0] for c in planner.plan(lucky).values()} == {SPEC}
 
 
 def test_short_blocks_when_only_the_first_drafts_are_kept():

@@ -25,6 +25,12 @@ m = 0 .. all, and predicts output tokens per second:
 - an engine that runs one group of equal forwards per step (the older rule; detected when no step ever carries two
   decode kinds) pays, per cycle, one forward of each group (the ar group, each block length's draft and verify
   groups, ...), and a sequence yields 1 token (ar) or 1 + E (self_spec) per cycle.
+That is the batch's output rate while its sequences run, the right objective when requests wait for a place (a
+sequence that leaves sooner lets one in). When nothing waits (the engine's queue is empty at the last step), the
+batch drains: a sequence that leaves early frees a place nobody takes, so a plan is scored by the output until the
+last sequence is done (`_drain_efficiency`): speculating for a few sequences while every step grows costlier for
+the rest only pays if it shortens the slowest one's time. This is what `vllm bench serve`-style closed loops (a
+fixed concurrency, each place running its requests one after another) measure.
 Hysteresis: the best plan replaces the running assignment only when it predicts at least `margin` (10 %) more
 tokens per second; a sequence switches only after `patience` (2) consecutive decisions that want the switch; and a
 decision for ar covers `_AR_HOLD` (4) tokens. A sequence's acceptance estimate is shrunk towards the engine-wide
@@ -229,16 +235,19 @@ class AutoPlanner:
         self.pools: dict[tuple[str, bool], Acceptance] = {}
         self.draft_forwards: dict[tuple[str, bool], float] = {}  # per rule: EMA of draft forwards per round
         self.running: list[Sequence] = []  # the engine's running sequences (the live list, from `observe`)
+        self.waiting = 0  # requests waiting for a place in the batch at the last step (0: the batch is draining)
         self.steps = 0
         self._last_step_end: float | None = None  # `clock` at the end of the previous step
         self._plan: dict[str, Choice] | None = None
         self._plan_step = -1
 
     # ---- engine hooks ------------------------------------------------------------------------------------------
-    def observe(self, requests: list[ForwardRequest], seconds: float, running: list[Sequence]) -> None:
+    def observe(self, requests: list[ForwardRequest], seconds: float, running: list[Sequence],
+                waiting: int = 0) -> None:
         """After every engine step: the forward requests it ran and how long the step took (forward and decoders'
-        work), and the engine's running sequences."""
+        work), the engine's running sequences and how many requests wait for a place among them."""
         self.running = running
+        self.waiting = waiting
         self.steps += 1
         now = self.clock()
         if self._last_step_end is not None:
@@ -372,6 +381,20 @@ class AutoPlanner:
                 load.step_tokens += 1
         return load
 
+    def _fixed_rates(self) -> list[tuple[float, float]]:
+        """(tokens left, tokens per step) of the batch's fixed-mode sequences, for the drain objective."""
+        out = []
+        for s in self.running:
+            p = s.params
+            if p.mode == "auto":
+                continue
+            rate = 1.0
+            if p.mode == "self_spec":
+                e = expected_accepted(self._pool(rule_of(p, False)).alpha, (p.block_length or 2) - 1)
+                rate = (1.0 + e) / (self._rounds_per_draft(p) + 1.0)
+            out.append((float(self._left(s)), rate))
+        return out
+
     def throughput(self, load: _Load, n_ar: int, spec: dict[int, tuple[float, float, float]]) -> float:
         """Predicted output tokens per second with the fixed `load`, `n_ar` auto sequences in ar and, per block
         length L, spec[L] = (sequences, sum of their expected kept drafts, draft forwards per round)."""
@@ -416,7 +439,22 @@ class AutoPlanner:
                 return -1.0  # not eligible for a round of this length
             return expected_accepted(alpha[rid], min(length - 1, left[rid] - 1))
 
-        best: tuple[float, int, int, list[Sequence]] = (self.throughput(load, n, {}), 0, 0, [])
+        fixed = self._fixed_rates()
+
+        def score(n_ar: int, spec: dict[int, tuple[float, float, float]], rates: list[tuple[float, float]]) -> float:
+            thr = self.throughput(load, n_ar, spec)
+            return thr if self.waiting else thr * _drain_efficiency(fixed + rates)
+
+        def rates_of(choice: dict[str, Choice]) -> list[tuple[float, float]]:
+            out = []
+            for s in members:
+                c = choice[s.request_id]
+                rate = 1.0 if c[0] == AR else (1.0 + kept(s, c[1])) / (d_of[s.request_id] + 1.0)
+                out.append((float(left[s.request_id]), rate))
+            return out
+
+        best: tuple[float, int, int, list[Sequence]] = (
+            score(n, {}, [(float(left[s.request_id]), 1.0) for s in members]), 0, 0, [])
         for length in self.block_lengths:
             ranked = sorted(((kept(s, length), s) for s in members), key=lambda es: -es[0])
             eligible = [(e, s) for e, s in ranked if e >= 0]
@@ -428,7 +466,10 @@ class AutoPlanner:
                 d_sum += d_of[s.request_id]
                 if m % step and m != len(eligible):
                     continue
-                thr = self.throughput(load, n - m, {length: (m, total, d_sum / m)})
+                picked = {s.request_id for _, s in eligible[:m]}
+                thr = score(n - m, {length: (m, total, d_sum / m)},
+                            rates_of({s.request_id: (SPEC, length) if s.request_id in picked else _AR_CHOICE
+                                      for s in members}))
                 if thr > best[0]:
                     best = (thr, length, m, [s for _, s in eligible[:m]])
         _, length, _, chosen = best
@@ -452,8 +493,21 @@ class AutoPlanner:
                 n_ar += 1
             else:
                 _add(spec, cur[1], 1, kept(s, cur[1]), d_of[s.request_id])
-        cur_thr = self.throughput(load, n_ar, {k: (v[0], v[1], v[2] / v[0]) for k, v in spec.items()})
+        cur_thr = score(n_ar, {k: (v[0], v[1], v[2] / v[0]) for k, v in spec.items()}, rates_of(current))
         return targets if best[0] > cur_thr * (1 + self.margin) else current
+
+
+def _drain_efficiency(rates: list[tuple[float, float]]) -> float:
+    """How much of a plan's steady-state throughput a batch that nothing waits to join gets: each (tokens left,
+    tokens per step) sequence leaves when done, and nobody takes its place, so the batch's output until the last
+    one leaves is (tokens left in all) / (steps until the slowest is done), against (tokens per step) while all
+    run. 1 when all would finish together; a plan that speeds a few sequences while every step grows costlier for
+    the rest scores lower (its fast ones leave early and their rows' cost bought nothing the batch keeps)."""
+    live = [(left, rate) for left, rate in rates if left > 0 and rate > 0]
+    if not live:
+        return 1.0
+    steps = max(left / rate for left, rate in live)
+    return sum(left for left, _ in live) / sum(rate for _, rate in live) / steps
 
 
 class AutoDecoder(Decoder):
