@@ -158,9 +158,7 @@ class GrammarProcessor:
             return
         self.consumed += len(out)
         path = self.path
-        m = 0
-        while m < len(out) and m < len(path) and out[m] == path[m]:
-            m += 1
+        m = _common_prefix(path, out)
         del path[:m]  # committed now: the matcher already stands past them
         if m == len(out):
             return
@@ -189,13 +187,7 @@ class GrammarProcessor:
         parts from `prefix`, accept the rest. True when the grammar takes the whole prefix and has not ended, i.e.
         the row after it is masked."""
         path = self.path
-        n = len(prefix)
-        common = 0
-        if len(path) >= n and path[:n] == list(prefix):
-            common = n
-        else:
-            while common < len(path) and common < n and path[common] == prefix[common]:
-                common += 1
+        common = _common_prefix(path, prefix)
         if common < len(path):
             self.matcher.rollback(len(path) - common)
             del path[common:]
@@ -277,6 +269,17 @@ class GrammarProcessor:
             return len(tokens)
         self._goto(tokens)  # stops at a refused token and after a stop id
         return len(self.path)  # the path is now the part of `tokens` the grammar took
+
+
+def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 def grammar_of(seq: Sequence) -> GrammarProcessor | None:
