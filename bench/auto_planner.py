@@ -32,13 +32,13 @@ def run_mode(llm: LLM, mode: str, prompts: list[list[int]], args: argparse.Names
     shapes: dict[tuple, list[tuple[float, float | None]]] = defaultdict(list)
     learn = planner.observe
 
-    def observe(requests, seconds, running) -> None:
+    def observe(requests, seconds, running, waiting: int = 0) -> None:
         parts: dict[Forward, float] = {}
         for r in requests:
             parts[r.forward] = parts.get(r.forward, 0) + len(r.token_ids)
         predicted = None if Forward.PREFILL in parts else planner.costs.merged_seconds(parts)
         shapes[tuple(sorted((str(k), int(v)) for k, v in parts.items()))].append((seconds, predicted))
-        learn(requests, seconds, running)
+        learn(requests, seconds, running, waiting=waiting)
 
     planner.observe = observe
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, mode=mode, ignore_eos=True)
