@@ -14,7 +14,7 @@ import pytest
 from engine.decoding.modes import MODES
 from loadtest import BenchmarkConfig, run_benchmark
 from loadtest.suite.machine import START_CPUS, cpu_plan, machine_info, placed
-from loadtest.suite.modes import crossover, crossover_note, part_modes
+from loadtest.suite.modes import auto_vs_best_paired, crossover, crossover_note, part_modes, round_order
 from loadtest.suite.prompts import build_prompts, load_local_tokenizer
 from loadtest.suite.report import plot_modes, summary_markdown
 from loadtest.suite.settings import Settings, build_parser, settings_from
@@ -143,6 +143,7 @@ def test_suite_modes_part_plot_and_summary(server: str, ckpt: Path, tmp_path: Pa
     }
     md = summary_markdown(res)
     assert "| self_spec | 2 | 2/2 |" in md and "rossover" in md and "Crossover by round" in md
+    assert "Paired by round" in md and set(modes["auto_vs_best_paired"]) == {"1", "2"}
 
 
 def test_crossover_rule() -> None:
@@ -157,6 +158,20 @@ def test_crossover_rule() -> None:
     assert crossover(table([1, 2, 3], [3, 4, 5])) is None
     assert "wins nowhere" in crossover_note(1, [1, 2, 4])
     assert crossover_note(None, [1, 2, 4]).startswith("no crossover")
+
+
+def test_auto_ratio_pairs_rounds_and_modes_rotate() -> None:
+    def rounds(*tps: float) -> list[dict]:
+        return [{"output_throughput": v} for v in tps]
+
+    # round 2 was slow for everyone: ratios of medians pair auto's slow round with ar's fast one, pairs do not
+    runs = {"ar": {1: rounds(100, 60, 100)}, "self_spec": {1: rounds(50, 30, 120)}, "auto": {1: rounds(99, 59, 60)}}
+    paired = auto_vs_best_paired(runs)
+    assert paired is not None and paired["1"] == pytest.approx(59 / 60)  # median of 0.99, 0.983, 0.5
+    assert auto_vs_best_paired({"ar": runs["ar"]}) is None
+    assert [round_order(["ar", "self_spec", "auto"], r) for r in range(4)] == [
+        ["ar", "self_spec", "auto"], ["self_spec", "auto", "ar"], ["auto", "ar", "self_spec"],
+        ["ar", "self_spec", "auto"]]
 
 
 def test_transformers_part_folds_rounds_into_medians_and_pairs() -> None:

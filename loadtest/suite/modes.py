@@ -50,6 +50,33 @@ def auto_vs_best(table: dict[str, list[dict[str, Any]]], key: str = "output_thro
     return out
 
 
+def auto_vs_best_paired(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, float] | None:
+    """Per concurrency: the median over rounds of auto's output tok/s over the better of ar's and self_spec's in the
+    same round. A round's modes run back to back, seconds apart, so the machine's drift over minutes (other tenants,
+    clocks) cancels in each round's ratio; a ratio of per-mode medians can pair a fast round of one mode with a slow
+    round of another."""
+    if "auto" not in runs or not ({"ar", "self_spec"} & set(runs)):
+        return None
+    out: dict[str, float] = {}
+    for c, rounds in runs["auto"].items():
+        ratios = []
+        for i, row in enumerate(rounds):
+            best = max((runs[m][c][i].get("output_throughput") or 0.0) for m in ("ar", "self_spec") if m in runs
+                       and i < len(runs[m][c]))
+            if best and row.get("output_throughput") is not None:
+                ratios.append(row["output_throughput"] / best)
+        if ratios:
+            out[str(c)] = median(ratios)
+    return out
+
+
+def round_order(modes: list[str], rnd: int) -> list[str]:
+    """The modes' order in round `rnd` (0-based): rotated by one each round, so that no mode always runs after the
+    same other one (a mode's run can leave the machine warmer or its caches fuller for the next)."""
+    k = rnd % len(modes) if modes else 0
+    return list(modes[k:]) + list(modes[:k])
+
+
 def _summary(s: Settings, runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
     """One temperature's table (median round per cell), crossover and auto ratios."""
     table: dict[str, list[dict[str, Any]]] = {}
@@ -76,14 +103,16 @@ def _summary(s: Settings, runs: dict[str, dict[int, list[dict[str, Any]]]]) -> d
         "crossover_note": crossover_note(cross, s.concurrencies),
         "crossover_by_round": per_round,
         "auto_vs_best": ratios,
+        "auto_vs_best_paired": auto_vs_best_paired(runs),
         "auto_target_met": None if ratios is None else all(r >= AUTO_TARGET for r in ratios.values()),
     }
 
 
 def part_modes(s: Settings, model: str, url: str, dataset: Path, server_pid: int | None = None) -> dict[str, Any]:
-    # Each round runs every temperature and level with the modes back to back, so that the modes compared at a
-    # level were measured within seconds of each other (throughput on a shared machine drifts by tens of percent
-    # over minutes); a cell of a table is the median of its rounds, and every round is kept under raw.
+    # Each round runs every temperature and level with the modes back to back (their order rotated each round), so
+    # that the modes compared at a level were measured within seconds of each other (throughput on a shared machine
+    # drifts by tens of percent over minutes); a cell of a table is the median of its rounds, and every round is kept
+    # under raw.
     temps = [float(t) for t in s.mode_temperatures]
     runs = {t: {m: {c: [] for c in s.concurrencies} for m in s.modes} for t in temps}
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {str(t): {m: {} for m in s.modes} for t in temps}
@@ -95,7 +124,7 @@ def part_modes(s: Settings, model: str, url: str, dataset: Path, server_pid: int
     for rnd in range(s.mode_rounds):
         for t in temps:
             for c in s.concurrencies:
-                for mode in s.modes:
+                for mode in round_order(list(s.modes), rnd):
                     cpu0 = process_cpu_seconds(server_pid) if server_pid else None
                     res = bench(url, dataset, n, c, s.output_len, mode=mode, knobs=s.knobs, seed=s.seed,
                                 temperature=t)

@@ -51,6 +51,10 @@ def modes_table(part: dict[str, Any], temperature: float, fmt: Any) -> list[str]
         lines.append(
             "auto / the better of ar and self_spec: " + ", ".join(f"{c}: {r:.2f}x" for c, r in ratios.items())
             + f"; target >= {AUTO_TARGET:.2f}x at every level: **{fmt(part.get('auto_target_met'))}**.")
+    paired = part.get("auto_vs_best_paired")
+    if paired:
+        lines.append("Paired by round (the median of each round's auto / the better of ar and self_spec in that "
+                     "round): " + ", ".join(f"{c}: {r:.2f}x" for c, r in paired.items()) + ".")
     cpu = part.get("auto_vs_best_per_cpu_second")
     if cpu:
         lines.append("The same per server CPU second (robust to other processes' load): "
