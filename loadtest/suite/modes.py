@@ -71,10 +71,15 @@ def auto_vs_best_paired(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dic
 
 
 def round_order(modes: list[str], rnd: int) -> list[str]:
-    """The modes' order in round `rnd` (0-based): rotated by one each round, so that no mode always runs after the
-    same other one (a mode's run can leave the machine warmer or its caches fuller for the next)."""
-    k = rnd % len(modes) if modes else 0
-    return list(modes[k:]) + list(modes[:k])
+    """The modes' order in round `rnd` (0-based): forward in even rounds, reversed in odd ones, rotated by one
+    every two rounds, so that over the rounds each mode runs first, last and after each of the others (a rotation
+    alone keeps every mode after the same neighbour; a run can leave the machine warmer or a cache fuller for the
+    next). With three modes, six rounds run all six orders."""
+    if not modes:
+        return []
+    base = list(modes) if rnd % 2 == 0 else list(reversed(modes))
+    k = (rnd // 2) % len(base)
+    return base[k:] + base[:k]
 
 
 def _summary(s: Settings, runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
