@@ -77,7 +77,7 @@ def run_mode(llm: LLM, mode: str, prompts: list[list[int]], args: argparse.Names
         print(f"  {len(v):5d} x {shape}: measured {measured:7.2f} ms, predicted {pred} ms")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: the built-in model)")
     ap.add_argument("--dataset", default="training/data/prompts.jsonl", help="JSONL with a `prompt` per line")
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=2, help="engine steps between a finish and the next arrival")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=8, help="step shapes printed per mode")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1 or args.gap < 0:
         raise SystemExit("--concurrency, --requests and --max-tokens must be >= 1, --gap >= 0")
     llm = LLM(args.model, num_threads=args.threads)

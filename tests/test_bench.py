@@ -44,3 +44,16 @@ def test_bench_forwards_times_every_kind_and_leaves_the_cache_as_found(tiny_ckpt
     assert engine.num_free_blocks == free  # every block it took came back
     with pytest.raises(ValueError, match="context=300 .* does not fit the KV pool"):
         time_forwards(engine, 1, 300, 4, 1)
+
+
+def test_bench_auto_planner_prints_each_modes_steps_against_the_cost_model(tmp_path, capsys):
+    from bench.auto_planner import main as planner_main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("To be, or not", "Now is the winter")))
+    planner_main(["--dataset", str(prompts), "--modes", "ar,auto", "--concurrency", "2", "--requests", "3",
+                  "--max-tokens", "5", "--top", "2"])
+    out = capsys.readouterr().out
+    for mode in ("ar", "auto"):
+        assert f"\n{mode}: " in "\n" + out
+    assert "(('ar_decode', " in out and "predicted" in out

@@ -74,7 +74,11 @@ _AR_COUNTER = AUTO_ITERATIONS[AR]
 _SPEC = SelfSpec()
 DEFAULT_ALPHA = {"greedy": 0.6, "sampled": 0.35}  # no measured acceptance: a guess that spec must earn its keep
 _POOL_WEIGHT = 4.0  # pseudo-rounds the engine-wide estimate starts with
-_POOL_DECAY = 0.98  # per round: the engine-wide estimate follows about the last 50 rounds
+# per round: the engine-wide estimate follows about the last 200 rounds. 50 (0.98) are the tails of the last few
+# requests, and the estimate swung with them: after 48 greedy self_spec requests at concurrency 16 it read alpha
+# 0.76 (0.80 at 0.995), and auto then decoded 1.29 tokens per step at concurrency 1 where self_spec made 2.85 (1.91
+# at 0.995; offline, held-out prompts)
+_POOL_DECAY = 0.995
 _SEQ_WEIGHT = 2.0  # pseudo-rounds a sequence's estimate starts with (from the engine-wide one)
 _SEQ_DECAY = 0.7  # per round: a sequence's estimate follows its last few rounds
 _RELAX = 0.03  # per ar iteration: a sequence's estimate moves this far towards the engine-wide one
