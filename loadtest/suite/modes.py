@@ -115,10 +115,9 @@ def _summary(s: Settings, runs: dict[str, dict[int, list[dict[str, Any]]]]) -> d
 
 def part_modes(s: Settings, model: str, url: str, dataset: Path, server_pid: int | None = None) -> dict[str, Any]:
     # Each round runs every temperature and level with the modes back to back (in an order that varies by round,
-    # `round_order`), so
-    # that the modes compared at a level were measured within seconds of each other (throughput on a shared machine
-    # drifts by tens of percent over minutes); a cell of a table is the median of its rounds, and every round is kept
-    # under raw.
+    # `round_order`), so that the modes compared at a level were measured within seconds of each other (throughput on
+    # a shared machine drifts by tens of percent over minutes); a cell of a table is the median of its rounds, and
+    # every round is kept under raw.
     temps = [float(t) for t in s.mode_temperatures]
     runs = {t: {m: {c: [] for c in s.concurrencies} for m in s.modes} for t in temps}
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {str(t): {m: {} for m in s.modes} for t in temps}
