@@ -214,6 +214,7 @@ class _Load:
     cycle_tokens: float = 0.0
     parts: dict[Forward, list[float]] = field(default_factory=dict)  # kind -> [rows] per step
     step_tokens: float = 0.0
+    rates: list[tuple[float, float]] = field(default_factory=list)  # (tokens left, tokens per step) per sequence
 
 
 def _add(table: dict, key, *values: float) -> None:
@@ -360,12 +361,12 @@ class AutoPlanner:
             if p.mode == "auto":
                 continue
             block = p.block_length or 2
+            rate = 1.0
             if p.mode == "ar":
                 _add(load.groups, (Forward.AR_DECODE, 0, 0), 1, 1)
                 load.reps[(Forward.AR_DECODE, 0, 0)] = 1
                 load.cycle_tokens += 1
                 _add(load.parts, Forward.AR_DECODE, 1)
-                load.step_tokens += 1
             elif p.mode == "self_spec":
                 d = self._rounds_per_draft(p)
                 e = expected_accepted(self._pool(rule_of(p, False)).alpha, block - 1)
@@ -375,29 +376,16 @@ class AutoPlanner:
                 load.cycle_tokens += 1 + e
                 _add(load.parts, Forward.DRAFT, block * d / (d + 1))
                 _add(load.parts, Forward.VERIFY, block / (d + 1))
-                load.step_tokens += (1 + e) / (d + 1)
+                rate = (1 + e) / (d + 1)
             else:  # diffusion: a denoise group each cycle, about one token per forward on small models
                 key = (Forward.DENOISE, block, p.steps or block)
                 _add(load.groups, key, 1, block)
                 load.reps[key] = 1
                 load.cycle_tokens += 1
                 _add(load.parts, Forward.DENOISE, block)
-                load.step_tokens += 1
+            load.step_tokens += rate
+            load.rates.append((float(self._left(s)), rate))
         return load
-
-    def _fixed_rates(self) -> list[tuple[float, float]]:
-        """(tokens left, tokens per step) of the batch's fixed-mode sequences, for the drain objective."""
-        out = []
-        for s in self.running:
-            p = s.params
-            if p.mode == "auto":
-                continue
-            rate = 1.0
-            if p.mode == "self_spec":
-                e = expected_accepted(self._pool(rule_of(p, False)).alpha, (p.block_length or 2) - 1)
-                rate = (1.0 + e) / (self._rounds_per_draft(p) + 1.0)
-            out.append((float(self._left(s)), rate))
-        return out
 
     def throughput(self, load: _Load, n_ar: int, spec: dict[int, tuple[float, float, float]]) -> float:
         """Predicted output tokens per second with the fixed `load`, `n_ar` auto sequences in ar and, per block
@@ -443,22 +431,16 @@ class AutoPlanner:
                 return -1.0  # not eligible for a round of this length
             return expected_accepted(alpha[rid], min(length - 1, left[rid] - 1))
 
-        fixed = self._fixed_rates()
-
-        def score(n_ar: int, spec: dict[int, tuple[float, float, float]], rates: list[tuple[float, float]]) -> float:
+        def score(n_ar: int, spec: dict[int, tuple[float, float, float]], choice: dict[str, Choice]) -> float:
             thr = self.throughput(load, n_ar, spec)
-            return thr if self.waiting else thr * _drain_efficiency(fixed + rates)
+            if self.waiting:
+                return thr
+            rates = [(float(left[s.request_id]), 1.0 if c[0] == AR else
+                      (1.0 + kept(s, c[1])) / (d_of[s.request_id] + 1.0))
+                     for s in members for c in (choice.get(s.request_id, _AR_CHOICE),)]
+            return thr * _drain_efficiency(load.rates + rates)
 
-        def rates_of(choice: dict[str, Choice]) -> list[tuple[float, float]]:
-            out = []
-            for s in members:
-                c = choice[s.request_id]
-                rate = 1.0 if c[0] == AR else (1.0 + kept(s, c[1])) / (d_of[s.request_id] + 1.0)
-                out.append((float(left[s.request_id]), rate))
-            return out
-
-        best: tuple[float, int, int, list[Sequence]] = (
-            score(n, {}, [(float(left[s.request_id]), 1.0) for s in members]), 0, 0, [])
+        best: tuple[float, int, int, list[Sequence]] = (score(n, {}, {}), 0, 0, [])
         for length in self.block_lengths:
             ranked = sorted(((kept(s, length), s) for s in members), key=lambda es: -es[0])
             eligible = [(e, s) for e, s in ranked if e >= 0]
@@ -470,10 +452,8 @@ class AutoPlanner:
                 d_sum += d_of[s.request_id]
                 if m % step and m != len(eligible):
                     continue
-                picked = {s.request_id for _, s in eligible[:m]}
                 thr = score(n - m, {length: (m, total, d_sum / m)},
-                            rates_of({s.request_id: (SPEC, length) if s.request_id in picked else _AR_CHOICE
-                                      for s in members}))
+                            {s.request_id: (SPEC, length) for _, s in eligible[:m]})
                 if thr > best[0]:
                     best = (thr, length, m, [s for _, s in eligible[:m]])
         _, length, _, chosen = best
@@ -497,7 +477,7 @@ class AutoPlanner:
                 n_ar += 1
             else:
                 _add(spec, cur[1], 1, kept(s, cur[1]), d_of[s.request_id])
-        cur_thr = score(n_ar, {k: (v[0], v[1], v[2] / v[0]) for k, v in spec.items()}, rates_of(current))
+        cur_thr = score(n_ar, {k: (v[0], v[1], v[2] / v[0]) for k, v in spec.items()}, current)
         return targets if best[0] > cur_thr * (1 + self.margin) else current
 
 
