@@ -103,12 +103,12 @@ def process(logits: torch.Tensor, seq: Sequence, prefixes: Seq[tuple[int, ...]] 
     return pipe.apply(logits, seq, [()] * logits.shape[0] if prefixes is None else prefixes)
 
 
-def choose_next(rows: torch.Tensor, seq: Sequence, mask_id: int | None) -> list[int]:
-    """The token after the output so far from its row [1, V]: `sample(process(rows, seq), ...)`, a greedy choice
-    through `greedy_chain` (no mask built where the model's pick is allowed)."""
+def choose_next(rows: torch.Tensor, seq: Sequence, mask_id: int | None, after: Seq[int] = ()) -> list[int]:
+    """The token after the output so far and `after` from its row [1, V]: `sample(process(rows, seq, [after]),
+    ...)`, a greedy choice through `greedy_chain` (no mask built where the model's pick is allowed)."""
     if seq.params.temperature == 0:
-        return greedy_chain(rows, seq, mask_id)
-    return sample(process(rows, seq), seq.params, seq.generator, mask_id)
+        return greedy_chain(rows, seq, mask_id, after=after)
+    return sample(process(rows, seq, [tuple(after)]), seq.params, seq.generator, mask_id)
 
 
 CANDIDATES = 2  # a row's best tokens a mask processor is asked about before its mask is built (measured:
@@ -116,10 +116,10 @@ CANDIDATES = 2  # a row's best tokens a mask processor is asked about before its
 
 
 def greedy_chain(logits: torch.Tensor, seq: Sequence, mask_id: int | None,
-                 follow: Seq[int] | None = None) -> list[int]:
+                 follow: Seq[int] | None = None, after: Seq[int] = ()) -> list[int]:
     """Greedy tokens of rows that follow one another, each after the tokens of the rows before it: its own picks
     (a draft, `follow=None`), or `follow[:i]` (a verify row i after drafts d_1 .. d_i; the walk stops after the
-    first pick that differs from `follow`, or after row len(follow)). Equal, row for row, to
+    first pick that differs from `follow`, or after row len(follow)); all of them after `after`. Equal, row for row, to
     `greedy(exclude(process(logits, seq, prefixes), mask_id))` with those prefixes, but the mask processors (a
     grammar) are asked about the row's best tokens in order instead of building their masks: the first one they all
     keep is the masked row's argmax. Only a row where they refuse every candidate builds the masks.
@@ -127,12 +127,13 @@ def greedy_chain(logits: torch.Tensor, seq: Sequence, mask_id: int | None,
     pipe: LogitsPipeline | None = seq.logits_pipeline
     masks: list[MaskProcessor] = [p for p in pipe.processors if hasattr(p, "allows")] if pipe else []  # type: ignore[misc]
     others = [p for p in pipe.processors if not hasattr(p, "allows")] if pipe is not None else []
+    base = tuple(after)
     n = logits.shape[0] if follow is None else min(logits.shape[0], len(follow) + 1)
     width = min(CANDIDATES + 1, logits.shape[-1])  # one more: the bound on the tokens left out
     rows: torch.Tensor | None = None
     if not others or follow is not None:  # every row's prefix is known: the other controls run in one call
         rows = _run(others, logits[:n].float().clone() if others else logits[:n].float(), seq,
-                    [tuple(follow[:i]) for i in range(n)] if follow is not None else [()] * n)
+                    [base + tuple(follow[:i]) for i in range(n)] if follow is not None else [base] * n)
         rows = exclude(rows, mask_id)
         if not masks:  # plain greedy rows
             top = greedy(rows).tolist()
@@ -144,7 +145,7 @@ def greedy_chain(logits: torch.Tensor, seq: Sequence, mask_id: int | None,
         ranked = best.values.tolist(), best.indices.tolist()
     picks: list[int] = []
     for i in range(n):
-        prefix = tuple(follow[:i]) if follow is not None else tuple(picks)
+        prefix = base + (tuple(follow[:i]) if follow is not None else tuple(picks))
         t = None
         if masks:
             if rows is None:

@@ -15,6 +15,7 @@ from engine.decoding.modes import (
     AUTO_ITERATIONS,
     COUNTERS,
     DENOISE_STEPS_PER_BLOCK,
+    GRAMMAR_FORCED_TOKENS,
     MODES,
     OBSERVATIONS,
     SPEC_ACCEPTED_TOKENS,
@@ -41,6 +42,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # (the series' attribute, its label values after model_name)
 _COUNTER_SERIES = {SPEC_DRAFTS: ("spec_drafts", ()), SPEC_DRAFT_TOKENS: ("spec_draft_tokens", ()),
                    SPEC_ACCEPTED_TOKENS: ("spec_accepted_tokens", ()),
+                   GRAMMAR_FORCED_TOKENS: ("grammar_forced_tokens", ()),
                    **{AUTO_ITERATIONS[c]: ("auto_iterations", (c,)) for c in AUTO_CHOICES}}
 _HISTOGRAM_SERIES = {DENOISE_STEPS_PER_BLOCK: "denoise_steps"}
 if set(_COUNTER_SERIES) != set(COUNTERS) or set(_HISTOGRAM_SERIES) != set(OBSERVATIONS):
@@ -95,6 +97,8 @@ class ServerMetrics:
                                          registry=r)
         self.spec_accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens",
                                             "self_spec accepted drafts (bonus token excluded).", m, registry=r)
+        self.grammar_forced_tokens = Counter(p + "grammar_forced_tokens", "Tokens a request's grammar forced, "
+                                             "emitted without drafting them (jump-forward).", m, registry=r)
         self.auto_iterations = Counter(p + "auto_iterations", "auto mode's iterations by what it chose: an ar "
                                        "decode or a self_spec draft/verify round.", ["model_name", "chosen"],
                                        registry=r)
@@ -110,7 +114,7 @@ class ServerMetrics:
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                        self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits, self.model_forwards,
                        self.iteration_tokens, self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens,
-                       self.denoise_steps, self.client_disconnected, self.engine_restarts):
+                       self.grammar_forced_tokens, self.denoise_steps, self.client_disconnected, self.engine_restarts):
             metric.labels(model_name)
         for mode in MODES:
             for metric in (self.prompt_tokens, self.generation_tokens, self.forward_passes, self.ttft, self.itl,

@@ -26,7 +26,7 @@ from engine.decoding.auto import (
 from engine.decoding.costs import Curve, ForwardCosts, measure
 from engine.decoding.modes import AUTO_CHOICES, AUTO_ITERATIONS, MODES
 from engine.engine import BUILTIN_MODEL
-from engine.forward import Forward, ForwardRequest
+from engine.forward import BatchKey, Forward, ForwardRequest
 from engine.llm import LLM
 from engine.sequence import SamplingParams, Sequence
 from tests.checkpoints import MASK_ID, write_nld_checkpoint
@@ -362,10 +362,9 @@ def test_ar_holds_for_a_few_iterations_and_the_last_token_is_always_ar(monkeypat
 
 def test_the_planner_learns_merging_from_the_steps():
     planner = planner_for(2.0, 0.15, merged=False)
-    steps = [ForwardRequest(auto_module._AR_KEY, [5]), ForwardRequest(auto_module._AR_KEY, [6])]
+    steps = [ForwardRequest(BatchKey(Forward.AR_DECODE), [5]), ForwardRequest(BatchKey(Forward.AR_DECODE), [6])]
     planner.observe(steps, 0.003, [])
     assert not planner.merged
-    from engine.forward import BatchKey
     planner.observe(steps + [ForwardRequest(BatchKey(Forward.VERIFY, block_length=4), [1, 2, 3, 4])], 0.004, [])
     assert planner.merged
 
@@ -385,7 +384,7 @@ def test_the_time_between_steps_is_a_per_step_cost_and_idle_gaps_are_not():
     and one that favours modes emitting more tokens per step. A long gap is the engine waiting for work."""
     ticks = iter([10.0, 10.010, 10.020, 11.5, 11.510])
     planner = planner_for(2.0, 0.15, merged=True, clock=lambda: next(ticks))
-    step = [ForwardRequest(auto_module._AR_KEY, [5])]
+    step = [ForwardRequest(BatchKey(Forward.AR_DECODE), [5])]
     for _ in range(5):  # each step: 4 ms in the forward, 6 ms around it, except one idle gap of ~1.5 s
         planner.observe(step, 0.004, [])
     costs = planner.costs

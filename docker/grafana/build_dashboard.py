@@ -89,6 +89,12 @@ PANELS: list = [
          f"sum(rate(trimode:auto_iterations_total{{{M}}}{R}))", "self_spec share"),
     ], "What mode auto decoded its iterations with, per second: ar decodes and self_spec draft/verify rounds (never "
        "diffusion, whose output is not the AR model's); the self_spec share rises at low load and falls under load."),
+    ("Structured outputs: grammar-forced tokens", "short", [
+        (f"sum(rate(trimode:grammar_forced_tokens_total{{{M}}}{R}))", "forced tokens/s"),
+        (f"sum(rate(trimode:grammar_forced_tokens_total{{{M}}}{R})) / "
+         f"sum(rate(trimode:generation_tokens_total{{{M}}}{R}))", "share of generated tokens"),
+    ], "Tokens a request's grammar forced (the punctuation and keys between JSON values), emitted without asking "
+       "the model: jump-forward in ar, forced drafts in self_spec."),
     ("Diffusion denoise steps per block", "short", [
         (f"sum(rate(trimode:diffusion_denoise_steps_per_block_sum{{{M}}}{R})) / "
          f"sum(rate(trimode:diffusion_denoise_steps_per_block_count{{{M}}}{R}))", "mean"),

@@ -55,11 +55,12 @@ from pathlib import Path
 
 import torch
 
-from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
+from engine.decoding.ar import ar_emit, ar_request
+from engine.decoding.base import Decoder, DecoderContext, Outcome
 from engine.decoding.costs import ForwardCosts, clock_for, measure
 from engine.decoding.modes import AUTO_ITERATIONS
 from engine.decoding.spec import SelfSpec, SpecState
-from engine.forward import BatchKey, Forward, ForwardRequest
+from engine.forward import Forward, ForwardRequest
 from engine.logits_processing import choose_next, process
 from engine.sampling import keyed_gumbel, keyed_pick
 from engine.sequence import SamplingParams, Sequence
@@ -69,7 +70,6 @@ log = logging.getLogger("trimode.engine")
 AR, SPEC = "ar", "self_spec"
 Choice = tuple[str, int]  # (AR, 0) or (SPEC, block length)
 _AR_CHOICE: Choice = (AR, 0)
-_AR_KEY = BatchKey(Forward.AR_DECODE)
 _AR_COUNTER = AUTO_ITERATIONS[AR]
 _SPEC = SelfSpec()
 DEFAULT_ALPHA = {"greedy": 0.6, "sampled": 0.35}  # no measured acceptance: a guess that spec must earn its keep
@@ -514,7 +514,7 @@ class AutoDecoder(Decoder):
         if st.choice is None:
             st.choice = ctx.auto.decide(seq, st) if ctx.auto is not None else _AR_CHOICE
         if st.choice[0] == AR:
-            return ForwardRequest(_AR_KEY, [seq.token_ids[-1]])
+            return ar_request(seq)
         if st.round is None:
             st.round = _SPEC.begin(seq, ctx, st.choice[1], keyed=keyed(seq.params))
         return _SPEC.request(st.round, ctx)
@@ -523,16 +523,17 @@ class AutoDecoder(Decoder):
                             ctx: DecoderContext) -> Outcome:
         st: AutoState = seq.state
         if req.forward == Forward.AR_DECODE:
-            rows = logits[-1:]  # logprobs stay the raw rows'
+            rows, forced = logits[-1:], req.token_ids[1:]  # (tokens its grammar forced: engine.decoding.ar)
             if keyed(seq.params):
-                noise = keyed_gumbel(seq.params.seed, [len(seq.token_ids)], rows.shape[-1])  # type: ignore[arg-type]
-                tokens = keyed_pick(process(rows, seq), seq.params, ctx.mask_id, noise).tolist()
+                noise = keyed_gumbel(seq.params.seed, [len(seq.token_ids) + len(forced)],  # type: ignore[arg-type]
+                                     rows.shape[-1])
+                tokens = keyed_pick(process(rows, seq, [tuple(forced)]), seq.params, ctx.mask_id, noise).tolist()
             else:
-                tokens = choose_next(rows, seq, ctx.mask_id)
+                tokens = choose_next(rows, seq, ctx.mask_id, after=forced)
             st.choice = None
             st.ar_iterations += 1
             st.ar_since_round += 1
-            return emit_tokens(tokens, rows, seq, ctx, num_kv_kept=1, counters={_AR_COUNTER: 1})
+            return ar_emit(tokens, seq, req, logits, ctx, counters={_AR_COUNTER: 1})
         assert st.round is not None
         done = _SPEC.advance(st.round, seq, req, logits, ctx)
         if done is None:
@@ -543,7 +544,8 @@ class AutoDecoder(Decoder):
         # estimate said it would pay, so such rounds are a biased sample (learning from all of them biased it
         # upwards and every sequence relaxing towards it was tried again in vain; learning from first rounds only,
         # which come where outputs are least repetitive, biased it downwards until auto stopped speculating)
-        st.est.update(done.accepted, done.drafted)
+        if done.drafted:  # (a forced round drafts nothing: engine.decoding.spec)
+            st.est.update(done.accepted, done.drafted)
         done.outcome.counters[AUTO_ITERATIONS[SPEC]] = 1
         return done.outcome
 

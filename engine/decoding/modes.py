@@ -15,11 +15,12 @@ AUTO_CHOICES = ("ar", "self_spec")
 SPEC_DRAFTS = "spec_drafts"  # self_spec: draft/verify iterations
 SPEC_DRAFT_TOKENS = "spec_draft_tokens"  # self_spec: drafted tokens checked by a verify
 SPEC_ACCEPTED_TOKENS = "spec_accepted_tokens"  # self_spec: drafts accepted, the bonus token excluded (as vLLM)
+GRAMMAR_FORCED_TOKENS = "grammar_forced_tokens"  # tokens a grammar forced, emitted without a draft (jump-forward)
 AUTO_ITERATIONS = {c: f"auto_iterations_{c}" for c in AUTO_CHOICES}  # auto: iterations decoded as each choice
 
 # Observations (one value each, for a histogram) in `Outcome.observations`, collected into `StepStats.observations`.
 DENOISE_STEPS_PER_BLOCK = "denoise_steps_per_block"  # diffusion: denoise forwards a block took to resolve
 
 COUNTERS = (SPEC_DRAFTS, SPEC_DRAFT_TOKENS, SPEC_ACCEPTED_TOKENS,  # every counter name a decoder may report
-            *AUTO_ITERATIONS.values())
+            GRAMMAR_FORCED_TOKENS, *AUTO_ITERATIONS.values())
 OBSERVATIONS = (DENOISE_STEPS_PER_BLOCK,)  # every observation name a decoder may report

@@ -17,6 +17,14 @@ emitted tokens follow the AR distribution, so greedy output equals greedy `ar` t
 - keyed rounds (`auto`'s seeded requests at T > 0): drafts argmax(log q_i + g_i); keep while d_i == argmax(log p_i
   + g_i); then argmax(log p + g).
 
+Under a grammar, the first drafts of a round are the tokens it forces after the seed (`engine.grammar`: the
+`", "name": "` between two JSON fields), and the draft forward fills only the masks after them, seeing them; a
+block the grammar fills alone skips the draft forward. Forced drafts come from a deterministic drafter (a one-hot
+q), and every verify row at them keeps that token alone, so they are always kept; the acceptance counters leave
+them out (they count in `grammar_forced_tokens`). Putting them in the block rather than verifying them by
+themselves saves a forward: a round of its own would cost one forward for m + 1 tokens, and the draft/verify round
+after it two more.
+
 Speculative sampling needs d_i drawn from q_i independently of d_<i and of the earlier coins, which a one-shot
 draft gives (every position is drawn from the context alone). Threshold drafting commits positions out of order
 over several forwards, so d_i may depend on later drafts; with argmax drafts the drafter is deterministic given the
@@ -53,9 +61,9 @@ import torch
 
 from engine.decoding.base import Decoder, DecoderContext, Outcome, emit_tokens
 from engine.decoding.diffusion import commit_count
-from engine.decoding.modes import SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
+from engine.decoding.modes import GRAMMAR_FORCED_TOKENS, SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, SPEC_DRAFTS
 from engine.forward import BatchKey, Forward, ForwardRequest
-from engine.grammar import GrammarProcessor, grammar_of
+from engine.grammar import GrammarProcessor, forced_tokens, grammar_of
 from engine.logits_processing import committed_prefixes, greedy_chain, process
 from engine.sampling import (
     exclude,
@@ -113,6 +121,7 @@ class SpecState:
     draft_forwards: int = 0
     reused: bool = False  # drafts left over from an earlier round's draft forward; block[0] is set when it runs
     tally: Tally | None = None  # the sequence's rounds before this one (self_spec's own rounds; None under auto)
+    forced: int = 0  # the first drafts are tokens the grammar forces, not the draft forward's (module docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +141,9 @@ class SelfSpec(Decoder):
         """A new round of `block_length` over `seq`'s newest token; never drafts past `max_tokens` (k drafts +
         the token after them give at most k + 1 tokens)."""
         k = max(0, min(block_length - 1, seq.params.max_tokens - seq.num_output_tokens - 1))
-        return SpecState([seq.token_ids[-1]] + [ctx.mask_id] * k, block_length, len(seq.token_ids), drafted=k == 0,
-                         keyed=keyed)
+        forced = forced_tokens(seq, k) if seq.logits_pipeline is not None else []
+        return SpecState([seq.token_ids[-1]] + forced + [ctx.mask_id] * (k - len(forced)), block_length,
+                         len(seq.token_ids), drafted=len(forced) == k, keyed=keyed, forced=len(forced))
 
     @staticmethod
     def request(st: SpecState, ctx: DecoderContext) -> ForwardRequest:
@@ -204,20 +214,23 @@ class SelfSpec(Decoder):
         masked = [i for i, t in enumerate(st.block) if t == ctx.mask_id and i > 0]
         rows = exclude(logits[masked], ctx.mask_id)
         conf: torch.Tensor | None = None
+        forced = tuple(st.block[1:1 + st.forced])  # the masks follow them
         if seq.logits_pipeline is not None and p.threshold is None and p.temperature == 0:
             # one-shot greedy with sampling controls: d_i is the row's pick after d_1 .. d_{i-1}, as the verify
             # row of d_i sees them (so greedy drafts match more often)
-            x0 = torch.tensor(greedy_chain(logits[masked], seq, ctx.mask_id), dtype=torch.long)
+            x0 = torch.tensor(greedy_chain(logits[masked], seq, ctx.mask_id, after=forced), dtype=torch.long)
         elif seq.logits_pipeline is not None and p.threshold is None:
             # one-shot sampled with sampling controls: d_i drawn from q_i after d_1 .. d_{i-1}, likewise (an
             # autoregressive q keeps speculative sampling exact)
             picks, qs = [], []
             for j in range(len(masked)):
-                x, q = self._pick(st, seq, process(rows[j:j + 1], seq, [tuple(picks)]), masked[j:j + 1])
+                x, q = self._pick(st, seq, process(rows[j:j + 1], seq, [forced + tuple(picks)]), masked[j:j + 1])
                 picks.append(int(x[0]))
                 qs.append(q)
             x0 = torch.tensor(picks, dtype=torch.long)
-            st.q = torch.cat(qs) if qs and qs[0] is not None else None
+            if qs and qs[0] is not None:  # forced drafts come from a deterministic drafter: one-hot q rows
+                st.q = torch.cat([torch.nn.functional.one_hot(torch.tensor(forced, dtype=torch.long),
+                                                              qs[0].shape[-1]).to(qs[0].dtype), *qs])
         else:
             if seq.logits_pipeline is not None:
                 rows = process(rows, seq, committed_prefixes(st.block, masked, ctx.mask_id))
@@ -282,6 +295,11 @@ class SelfSpec(Decoder):
             else:
                 c, nxt = speculative_verify(probabilities(logits, p, ctx.mask_id), drafts, st.q, seq.generator)
                 tokens = drafts[:c] + [nxt]
-        out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1,
-                          counters={SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k, SPEC_ACCEPTED_TOKENS: c})
-        return RoundResult(out, c, k, st.draft_forwards)
+        # forced drafts are the grammar's, not speculation: the acceptance figures (and auto) leave them out
+        f = min(st.forced, c)
+        counters = {} if st.forced == k > 0 else \
+            {SPEC_DRAFTS: 1, SPEC_DRAFT_TOKENS: k - st.forced, SPEC_ACCEPTED_TOKENS: c - f}
+        if f:
+            counters[GRAMMAR_FORCED_TOKENS] = f
+        out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1, counters=counters)
+        return RoundResult(out, c - f, k - st.forced, st.draft_forwards)
