@@ -151,3 +151,21 @@ def test_sampled_jump_forward_keeps_ar_s_distribution(llm: LLM, monkeypatch) -> 
     assert len(stepwise) >= 6  # the test has cells to compare
     assert _homogeneity(stepwise, jumped) > ALPHA
     assert _homogeneity(stepwise, drafted) > ALPHA
+
+
+@pytest.mark.parametrize("mode", ["ar", "self_spec", "auto"])
+def test_forced_tokens_have_their_logprobs(llm: LLM, mode: str, monkeypatch) -> None:
+    """A jumped or forced-draft token's logprob is the model's own for it, as when a step of its own chose it."""
+    def run() -> tuple[list[int], list]:
+        params = SamplingParams(max_tokens=6, mode=mode, logprobs=2, structured=REGEX)
+        out = llm.generate([llm.tokenizer.encode("Say:", add_special_tokens=False)], params)[0]
+        return out.token_ids, out.logprobs
+
+    tokens, lps = run()
+    with monkeypatch.context() as m:
+        _no_jumps(m)
+        plain_tokens, plain_lps = run()
+    assert tokens == plain_tokens and len(lps) == len(tokens) == 6  # a-c, x, y, z, a digit, EOS
+    for lp, plain in zip(lps, plain_lps, strict=True):
+        assert lp.logprob == pytest.approx(plain.logprob, abs=1e-4)
+        assert [t for t, _ in lp.top] == [t for t, _ in plain.top]
