@@ -201,8 +201,12 @@ def measure(runner, blocks, draft_lora: bool, mask_id: int, block_lengths: tuple
             max_rows: int | None = None, clock=time.perf_counter) -> ForwardCosts:
     """Time `ar_decode`, `draft` and `verify` forwards through `runner` on fake sequences holding `context` cached
     tokens (pages borrowed from `blocks` and given back) and build the cost curves. The first shapes of each kind
-    (1, 4, 16 sequences at `main_block`) are always measured, the rest while `budget_s` lasts; each shape is one
-    warm-up forward, then the fastest of `repeats` by `clock` (noise only ever adds time)."""
+    (1, 4, 16 sequences at `main_block`) are always measured, the rest while half of `budget_s` lasts. One
+    warm-up pass runs each shape once, then up to `repeats` passes (two at least, more while the budget lasts) run
+    every shape once each, in turn, and a shape's time is its fastest by `clock` (noise only ever adds time).
+    Passes, not a shape's repeats back to back: what matters is how shapes compare, and a machine whose speed
+    drifts during the measurement (a shared one does, by a third within a second) then slows every shape alike
+    instead of making the shapes timed in a slow spell look dear."""
     from engine.batch import Batch  # the runner's input; imported here to keep this module's import light
     from engine.forward import BatchKey, ForwardRequest
     from engine.sequence import SamplingParams, Sequence
@@ -212,35 +216,54 @@ def measure(runner, blocks, draft_lora: bool, mask_id: int, block_lengths: tuple
     points: dict[Forward, list[tuple[float, float]]] = {k: [] for k in MEASURED}
     start = time.perf_counter()
     shapes = _shapes(block_lengths, main_block, max_seqs)
-    for i, (kind, n, length) in enumerate(shapes):
-        if i >= 9 and time.perf_counter() - start > budget_s:
-            break
-        if not blocks.can_allocate(-(-(context + length) // blocks.block_size) * n):
-            continue
-        seqs = []
-        for j in range(n):
-            seq = Sequence(f"auto-costs-{j}", [token] * context, context, SamplingParams(), frozenset())
-            blocks.allocate(seq, context + length)
+    # one set of fake sequences serves every shape (a shape runs on the first n, grown to its length as needed):
+    # all of them are ready for every pass
+    seqs: list[Sequence] = []
+
+    def room(n: int, tokens: int) -> bool:
+        """Whether the first n fake sequences hold `tokens` positions each, making and growing them if the pool
+        allows."""
+        while len(seqs) < n:
+            seq = Sequence(f"auto-costs-{len(seqs)}", [token] * context, context, SamplingParams(), frozenset())
             seq.num_computed_tokens = context
             seqs.append(seq)
-        try:
+        if not blocks.can_allocate(sum(blocks.blocks_needed(seq, tokens) for seq in seqs[:n])):
+            return False
+        for seq in seqs[:n]:
+            blocks.allocate(seq, tokens)
+        return True
+
+    try:
+        timed: list[tuple[Forward, int, object]] = []  # (kind, rows, batch) of the shapes measured
+        # the warm-up pass picks the shapes: the first nine, then as many as half the budget allows (it takes
+        # longer than a timed pass: the first forwards of a process pay one-time costs)
+        for kind, n, length in shapes:
+            if len(timed) >= 9 and time.perf_counter() - start > budget_s / 2:
+                break
+            if not room(n, context + length):
+                continue
             ids = [token] if kind == Forward.AR_DECODE else \
                 ([token] + [mask_id] * (length - 1) if kind == Forward.DRAFT else [token] * length)
             lora = draft_lora and kind == Forward.DRAFT
             key = BatchKey(kind, draft_lora=lora, block_length=None if kind == Forward.AR_DECODE else length)
-            reqs = [ForwardRequest(key, list(ids), all_logits=len(ids) > 1) for _ in seqs]
+            reqs = [ForwardRequest(key, list(ids), all_logits=len(ids) > 1) for _ in range(n)]
             # the merged-forward Batch takes (seqs, requests); the grouped one also named its forward and adapter
-            batch = Batch(seqs, reqs) if merged_batch else Batch(kind, lora, seqs, reqs)
-            runner.run(batch)  # warm-up
-            times = []
-            for _ in range(repeats):
+            batch = Batch(seqs[:n], reqs) if merged_batch else Batch(kind, lora, seqs[:n], reqs)
+            runner.run(batch)
+            timed.append((kind, n * len(ids), batch))
+        best = [float("inf")] * len(timed)
+        for r in range(repeats):  # (two passes at least; more while the budget lasts)
+            if r >= 2 and time.perf_counter() - start > budget_s:
+                break
+            for i, (_, _, batch) in enumerate(timed):
                 t = clock()
                 runner.run(batch)
-                times.append(clock() - t)
-            points[kind].append((n * len(ids), min(times)))
-        finally:
-            for seq in seqs:
-                blocks.free(seq)
+                best[i] = min(best[i], clock() - t)
+        for (kind, rows, _), seconds in zip(timed, best, strict=True):
+            points[kind].append((rows, seconds))
+    finally:
+        for seq in seqs:
+            blocks.free(seq)
     costs = ForwardCosts({k: Curve(v) for k, v in points.items()}, max_rows=max_rows)
     log.info("auto: forward costs measured in %.2f s (%d shapes): %s", time.perf_counter() - start,
              sum(len(v) for v in points.values()), costs.describe())
