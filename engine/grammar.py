@@ -220,11 +220,11 @@ class GrammarProcessor:
             return []
         return self.matcher.find_jump_forward_tokens()
 
-    def forced(self, seq: Sequence, prefix: Seq[int] = ()) -> list[int]:
-        """The tokens the grammar forces after the output and `prefix`, in xgrammar's tokenization of the forced
-        text ([] where it forces nothing, or the prefix is refused or ends the grammar)."""
+    def forced(self, seq: Sequence) -> list[int]:
+        """The tokens the grammar forces after the output, in xgrammar's tokenization of the forced text ([] where
+        it forces nothing or has ended)."""
         self.sync(seq)
-        if self.broken or not self._goto(prefix):
+        if self.broken or not self._goto(()):
             return []
         return self._forced()
 

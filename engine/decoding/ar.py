@@ -24,11 +24,10 @@ _KEY = BatchKey(Forward.AR_DECODE)
 
 def ar_request(seq: Sequence) -> ForwardRequest:
     """An ar step over the newest token, and the tokens the grammar forces after it (room left for one more)."""
-    forced = forced_tokens(seq, seq.params.max_tokens - seq.num_output_tokens - 1) \
-        if seq.logits_pipeline is not None else []
+    forced = forced_tokens(seq, seq.params.max_tokens - seq.num_output_tokens - 1)
     # logprobs of forced tokens need their rows; otherwise only the last row is used
-    return ForwardRequest(_KEY, [seq.token_ids[-1], *forced], all_logits=bool(forced) and seq.params.logprobs
-                          is not None)
+    logprobs = bool(forced) and seq.params.logprobs is not None
+    return ForwardRequest(_KEY, [seq.token_ids[-1], *forced], all_logits=logprobs)
 
 
 def ar_emit(chosen: list[int], seq: Sequence, req: ForwardRequest, logits: torch.Tensor, ctx: DecoderContext,

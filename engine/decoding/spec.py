@@ -141,7 +141,7 @@ class SelfSpec(Decoder):
         """A new round of `block_length` over `seq`'s newest token; never drafts past `max_tokens` (k drafts +
         the token after them give at most k + 1 tokens)."""
         k = max(0, min(block_length - 1, seq.params.max_tokens - seq.num_output_tokens - 1))
-        forced = forced_tokens(seq, k) if seq.logits_pipeline is not None else []
+        forced = forced_tokens(seq, k)
         return SpecState([seq.token_ids[-1]] + forced + [ctx.mask_id] * (k - len(forced)), block_length,
                          len(seq.token_ids), drafted=len(forced) == k, keyed=keyed, forced=len(forced))
 
