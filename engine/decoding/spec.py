@@ -34,21 +34,26 @@ argmax(log p + g) whoever drafted, which makes an `auto` request's seeded output
 choices. Every random draw comes from the sequence's own generator (or its seed), so seeded requests are
 reproducible and independent of the batch.
 
-Leftover drafts (self_spec's own rounds; not under `auto`, whose planner prices rounds itself). A round rejected
-at draft c + 1 < k emits its token at that position; the drafts d_{c+2} .. d_k its draft forward made are still
+Leftover drafts (self_spec's own rounds; not under `auto`, whose planner prices rounds itself). A round rejected at
+draft c + 1 < k emits its token at that position; the drafts d_{c+2} .. d_k its draft forward made are still
 proposals for the very positions that follow, so the next round may verify `[new seed, d_{c+2} .. d_k]` (with their
-q rows) in one forward, without a draft forward of its own. It is exact by the argument above: a one-shot draft
-drew d_{c+2} .. d_k from the old context alone, independently of d_{c+1}, of the coins and of the residual draw
-that ended the round, so given everything the new round's acceptance can depend on they are still draws from their
-q rows (a q computed from less context than p sees is still a valid q: speculative sampling is exact for any q the
-drafts were drawn from). Reused only at T > 0 from one-shot sampled drafts: not drafts drawn one by one under
-logits controls or a grammar (d_{c+2} depended on the rejected d_{c+1}, and a grammar cut assumes drafts its own
-prefix allowed), nor threshold drafting or keyed rounds; nor greedy drafts, which would be exact too (a
-deterministic drafter) but do not pay: greedy fresh rounds keep about 5 drafts, and on the built-in model greedy
-with reuse made 2.68 tokens per decode forward against 2.69 without (`python -m bench.spec_acceptance`). Whether
-to reuse is the sequence's own choice from its tally (`Tally.reuse_pays`): a reused round makes 1 + E' tokens in
-one forward, a fresh one 1 + E in two, E and E' the mean drafts kept by its rounds of each kind. At T = 1 on the
-built-in model E is about 0.9 (under one token per forward) and E' about 0.33, so nearly every round that can
+q rows) in one forward, without a draft forward of its own. It is exact by the argument above: a one-shot draft drew
+d_{c+2} .. d_k from the old context alone, independently of d_{c+1}, of the coins and of the residual draw that
+ended the round, so given everything the new round's acceptance can depend on they are still draws from their q rows
+(a q computed from less context than p sees is still a valid q: speculative sampling is exact for any q the drafts
+were drawn from). At T = 0 any drafts are exact (greedy verification emits argmax p whatever it checks), so greedy
+rounds reuse leftovers from every drafter, under logits controls and grammars too: there the tokens the grammar
+forces after the new seed take their positions from the leftovers, and the leftovers it refuses after them are cut,
+as in a fresh round. At T > 0 only one-shot sampled drafts without logits controls or a grammar are reused: drafts
+drawn one by one under them were drawn after the rejected d_{c+1}, and a grammar cut of a sampled draft would draw
+the bonus from p where the residual is due; nor threshold drafting or keyed rounds. Where greedy drafts are good,
+reuse hardly runs and changes little (free prose on the built-in model: 2.68 tokens per decode forward with it, 2.69
+without, `python -m bench.spec_acceptance --temperatures 0`; fresh rounds keep 6.4 drafts, the reused ones 0.40);
+where they are poor it saves the draft forward (under the JSON schema of `python -m bench.structured`, which keeps
+0.02-0.06 of the drafts, self_spec went from 179 to 271 output tok/s at batch 1 and from 360 to 465 at batch 8).
+Whether to reuse is the sequence's own choice from its tally (`Tally.reuse_pays`): a reused round makes 1 + E'
+tokens in one forward, a fresh one 1 + E in two, E and E' the mean drafts kept by its rounds of each kind. At T = 1
+on the built-in model E is about 0.9 (under one token per forward) and E' about 0.33, so nearly every round that can
 reuse does: tokens per decode forward 1.27 against 0.98 (T = 0.7: 1.20 against 1.01). The choice depends on the
 sequence's past alone, so it changes neither what is emitted nor a seeded request's independence of the batch.
 """
@@ -173,6 +178,13 @@ class SelfSpec(Decoder):
             k = min(len(st.block) - 1, seq.params.max_tokens - seq.num_output_tokens - 1)
             st.block = [seq.token_ids[-1]] + st.block[1:k + 1]
             st.q = st.q[:k] if st.q is not None else None
+            if (grammar := grammar_of(seq)) is not None:  # greedy only (see `_next_round`)
+                # tokens the grammar forces take their positions from the leftovers (they are always kept); the
+                # leftovers it refuses after them go, as in a fresh round
+                forced = forced_tokens(seq, k)
+                st.block[1:1 + len(forced)] = forced
+                st.forced = len(forced)
+                self._cut(st, seq, grammar)
         return self.request(st, ctx)
 
     def outcome_from_logits(self, seq: Sequence, req: ForwardRequest, logits: torch.Tensor,
@@ -194,10 +206,11 @@ class SelfSpec(Decoder):
         assert st.tally is not None
         st.tally.add(st.reused, done.accepted)
         c, k = done.accepted, done.drafted
-        reusable = st.q is not None and seq.logits_pipeline is None and c < k - 1  # sampled one-shot drafts
+        # sampled one-shot drafts, or greedy drafts of any drafter (greedy verification is exact whatever it checks)
+        reusable = c < k - 1 and (seq.params.temperature == 0 or st.q is not None and seq.logits_pipeline is None)
         if reusable and st.tally.reuse_pays():
             return SpecState([ctx.mask_id] + st.block[c + 2:], st.block_length, st.start + c + 1, drafted=True,
-                             q=st.q[c + 1:], reused=True, tally=st.tally)
+                             q=st.q[c + 1:] if st.q is not None else None, reused=True, tally=st.tally)
         return SpecState([], st.block_length, 0, tally=st.tally)  # a placeholder: `next_forward` begins the round
 
     # ---- the two forwards ----
