@@ -47,15 +47,16 @@ forces after the new seed take their positions from the leftovers, and the lefto
 as in a fresh round. At T > 0 only one-shot sampled drafts without logits controls or a grammar are reused: drafts
 drawn one by one under them were drawn after the rejected d_{c+1}, and a grammar cut of a sampled draft would draw
 the bonus from p where the residual is due; nor threshold drafting or keyed rounds. Where greedy drafts are good,
-reuse hardly runs and changes little (free prose on the built-in model: 2.68 tokens per decode forward with it, 2.69
-without, `python -m bench.spec_acceptance --temperatures 0`; fresh rounds keep 6.4 drafts, the reused ones 0.40);
-where they are poor it saves the draft forward (under the JSON schema of `python -m bench.structured`, which keeps
-0.02-0.06 of the drafts, self_spec went from 179 to 271 output tok/s at batch 1 and from 360 to 465 at batch 8).
-Whether to reuse is the sequence's own choice from its tally (`Tally.reuse_pays`): a reused round makes 1 + E'
-tokens in one forward, a fresh one 1 + E in two, E and E' the mean drafts kept by its rounds of each kind. At T = 1
-on the built-in model E is about 0.9 (under one token per forward) and E' about 0.33, so nearly every round that can
-reuse does: tokens per decode forward 1.27 against 0.98 (T = 0.7: 1.20 against 1.01). The choice depends on the
-sequence's past alone, so it changes neither what is emitted nor a seeded request's independence of the batch.
+reuse changes little (free prose on the built-in model: 2.68 tokens per decode forward with it, 2.69 without,
+`python -m bench.spec_acceptance --temperatures 0`; 1866 fresh rounds kept 6.4 drafts each, 3156 reused ones 0.40: a
+sequence tries reuse in its poorer stretches); where they are poor it saves the draft forward (under the JSON schema
+of `python -m bench.structured`, which keeps 0.02-0.06 of the drafts, self_spec went from 179 to 271 output tok/s at
+batch 1 and from 360 to 465 at batch 8). Whether to reuse is the sequence's own choice from its tally
+(`Tally.reuse_pays`): a reused round makes 1 + E' tokens in one forward, a fresh one 1 + E in two, E and E' the mean
+drafts kept by its rounds of each kind. At T = 1 on the built-in model E is about 0.9 (under one token per forward)
+and E' about 0.33, so nearly every round that can reuse does: tokens per decode forward 1.27 against 0.98 (T = 0.7:
+1.20 against 1.01). The choice depends on the sequence's past alone, so it changes neither what is emitted nor a
+seeded request's independence of the batch.
 """
 
 from __future__ import annotations
