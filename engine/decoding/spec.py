@@ -82,8 +82,8 @@ from engine.sampling import (
 from engine.sequence import Sequence
 
 # each round weighs this much less than the one after it in a sequence's tally: acceptance comes in stretches (a
-# JSON value's structure, then its free text; prose, then a loop), and a lifetime mean that one early run of kept
-# drafts had set kept a sequence drafting afresh through a JSON string where its drafts were all rejected
+# JSON value's keys, then its free text; prose, then a loop), which a lifetime mean follows slowly (auto's acceptance
+# estimate is a moving average for the same reason)
 TALLY_DECAY = 0.7
 
 
@@ -118,9 +118,10 @@ class Tally:
         decode forward on the built-in model (`python -m bench.spec_acceptance`, pooled): 1.27 at T = 1.0 and 1.20 at
         T = 0.7, against 1.25 and 1.17 with a plain mean of E' that tries reuse once; never reusing makes 1.32 at
         T = 0.3 (this rule 1.36) and 2.11 at T = 0.1 (this rule 2.10: near greedy the trial rounds cost a little).
-        Without the decay the rule made 1.27, 1.19, 1.40 and 2.10, and 2.68 greedy (2.60 with it); under the JSON
-        schema of `python -m bench.structured` at batch 8 the decay cut the forwards' query rows from 3401 to 2816 and
-        the steps from 50 to 47 (the free twin: 2830 rows, 50 steps). Both choices emit the same tokens."""
+        Without the decay the rule made 1.27, 1.19, 1.40 and 2.10, and 2.68 greedy (2.60 with it), yet greedy prose
+        ran 1.05x / 1.04x as many tok/s with it at batch 1 / 8 (its reused rounds verify fewer rows than a fresh
+        round's two forwards); under the JSON schema of `python -m bench.structured` at batch 8 its forwards carry
+        2533 query rows in 51 steps, against 2596 in 51 without it. Both choices emit the same tokens."""
         e = self.fresh_accepted / max(self.fresh_rounds, 1e-9)  # a round that can reuse follows a fresh one
         e_reused = (self.reused_accepted + e) / (self.reused_rounds + 1)
         return 1.0 + e_reused > (1.0 + e) / 2.0
@@ -148,9 +149,10 @@ class RoundResult:
     """What a finished round did: its Outcome, and the acceptance figures `auto` learns from."""
 
     outcome: Outcome
-    accepted: int  # drafts kept
-    drafted: int  # drafts checked (k)
+    accepted: int  # the model's drafts kept (the grammar's forced ones left out, as in the counters)
+    drafted: int  # the model's drafts checked
     draft_forwards: int
+    kept: int = 0  # every draft kept, forced ones too: the round's token stands at block[kept + 1]
 
 
 class SelfSpec(Decoder):
@@ -219,7 +221,7 @@ class SelfSpec(Decoder):
         else a fresh round; either carries the sequence's tally."""
         assert st.tally is not None
         st.tally.add(st.reused, done.accepted)
-        c, k = done.accepted, done.drafted
+        c, k = done.kept, len(st.block) - 1  # block indices: forced drafts count here
         # sampled one-shot drafts, or greedy drafts of any drafter (greedy verification is exact whatever it checks)
         reusable = c < k - 1 and (seq.params.temperature == 0 or st.q is not None and seq.logits_pipeline is None)
         if reusable and st.tally.reuse_pays():
@@ -329,4 +331,4 @@ class SelfSpec(Decoder):
         if f:
             counters[GRAMMAR_FORCED_TOKENS] = f
         out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1, counters=counters)
-        return RoundResult(out, c - f, k - st.forced, st.draft_forwards)
+        return RoundResult(out, c - f, k - st.forced, st.draft_forwards, kept=c)

@@ -5,7 +5,8 @@ the drafts before it), and under a grammar, where the tokens it forces take thei
 the leftovers it refuses are cut.
 
 On the tiny random checkpoint drafts are rarely kept, so nearly every round leaves drafts over and reusing them
-pays (`Tally.reuse_pays`); the instrumented verify checks that such rounds ran, with forced tokens and cuts.
+pays (`Tally.reuse_pays`); the instrumented verify checks that such rounds ran, with forced tokens and cuts, and
+that each leftover is verified at the position its draft forward drafted it for.
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ def test_greedy_rounds_over_leftover_drafts_equal_ar(llm: LLM, case: str, monkey
     rounds: list[tuple[bool, int, int, int]] = []  # (reused, forced, drafts verified, drafts before the cut)
     verify, cut = spec_module.SelfSpec._verify, spec_module.SelfSpec._cut
     before: dict[int, int] = {}
+    drafted: dict[str, dict[int, int]] = {}  # per request: the latest draft forward's token for each position
 
     def counting_verify(self, st, seq, logits, ctx):
         rounds.append((st.reused, st.forced, len(st.block) - 1, before.pop(id(st), len(st.block) - 1)))
+        seed_at = len(seq.token_ids) - 1
+        model_drafts = {seed_at + i: t for i, t in enumerate(st.block) if i > st.forced}
+        if st.reused:  # a leftover is verified at the very position its draft forward drafted it for
+            assert all(drafted[seq.request_id][pos] == t for pos, t in model_drafts.items())
+        else:
+            drafted[seq.request_id] = model_drafts
         return verify(self, st, seq, logits, ctx)
 
     def counting_cut(st, seq, grammar):
@@ -67,4 +75,5 @@ def test_greedy_rounds_over_leftover_drafts_equal_ar(llm: LLM, case: str, monkey
     assert len(reused) >= len(rounds) / 4  # rounds over leftover drafts ran, many of them
     if case in ("json", "regex"):
         assert any(r[1] > 0 for r in reused)  # forced tokens took leftovers' positions
-        assert any(r[2] < r[3] for r in reused)  # and the grammar cut leftovers it refused
+    if case == "regex":
+        assert any(r[2] < r[3] for r in reused)  # the grammar cut leftovers it refused
