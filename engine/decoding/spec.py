@@ -50,8 +50,8 @@ the bonus from p where the residual is due; nor threshold drafting or keyed roun
 reuse changes little (free prose on the built-in model: 2.68 tokens per decode forward with it, 2.69 without,
 `python -m bench.spec_acceptance --temperatures 0`; 1866 fresh rounds kept 6.4 drafts each, 3156 reused ones 0.40: a
 sequence tries reuse in its poorer stretches); where they are poor it saves the draft forward (under the JSON schema
-of `python -m bench.structured`, which keeps 0.02-0.06 of the drafts, self_spec went from 179 to 271 output tok/s at
-batch 1 and from 360 to 465 at batch 8). Whether to reuse is the sequence's own choice from its tally
+of `python -m bench.structured`, which keeps 0.02-0.06 of the drafts, self_spec's output tok/s went from 75 % / 66 %
+of unconstrained at batch 1 / 8 to 160 % / 93 %). Whether to reuse is the sequence's own choice from its tally
 (`Tally.reuse_pays`): a reused round makes 1 + E' tokens in one forward, a fresh one 1 + E in two, E and E' the mean
 drafts kept by its rounds of each kind. At T = 1 on the built-in model E is about 0.9 (under one token per forward)
 and E' about 0.33, so nearly every round that can reuse does: tokens per decode forward 1.27 against 0.98 (T = 0.7:
