@@ -595,8 +595,8 @@ def _final_choice(s: ChoiceState, obj: str, tok: Any) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         reason = s.finish_reason
         if s.tools is not None:
-            content, calls = s.tools.final(text)
-            message = {"role": "assistant", "content": content, "tool_calls": calls or []}
+            content, calls = s.tools.final(text, reason)
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
             reason = tool_finish_reason(s.tools, bool(calls), reason)
         return {"index": s.index, "message": message, "logprobs": _logprobs(s, True, tok, 0),
                 "finish_reason": reason, "stop_reason": s.stop_reason,

@@ -53,6 +53,8 @@ class ToolPlan:
 
 def plan(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolPlan | None:
     """The request's ToolPlan (None without tools); InvalidParam naming the field for anything malformed."""
+    if tools is not None and len(tools) == 0:  # OpenAI and vLLM refuse it too, rather than read it as no tools
+        raise InvalidParam("tools", "tools is an empty list: send at least one tool, or leave tools out")
     if not tools:
         if tool_choice is not None and tool_choice != "none":
             raise InvalidParam("tool_choice", "When using `tool_choice`, `tools` must be set.")
@@ -159,9 +161,14 @@ class ToolOutput:
         assert self.parser is not None
         return self.parser.parse(text)
 
-    def final(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    def final(self, text: str, finish_reason: str | None = None) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """(content, tool_calls) of a whole output in OpenAI's shape, [] when it made no call. A forced choice
+        (required, named) that ran out of tokens before its JSON closed made no call, only a cut one: empty content
+        and tool_calls None, as OpenAI and vLLM answer."""
         content, calls = self.parse(text)
-        return content, [_openai_call(c, _call_id()) for c in calls] or None
+        if finish_reason == "length" and self.plan.choice in ("required", "named") and not _whole_json(text):
+            return "", None
+        return content, [_openai_call(c, _call_id()) for c in calls]
 
     # ---- streaming ----
     def delta(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -208,6 +215,14 @@ def _header(index: int, call_id: str, name: str) -> dict[str, Any]:
 
 def _openai_call(call: ParsedCall, call_id: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _whole_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _required_calls(text: str) -> tuple[str | None, list[ParsedCall]]:

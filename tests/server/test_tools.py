@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from engine.config import MODES
+from server.tools import ToolOutput, plan
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "metric": {"type": "boolean"}},
            "required": ["city", "metric"], "additionalProperties": False}
@@ -127,7 +128,34 @@ def test_tool_results_and_assistant_calls_are_accepted(client: openai.OpenAI, mo
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "weather"}}])
+def test_a_forced_choice_cut_by_max_tokens_has_no_call(server: str, choice) -> None:
+    """A required or named choice whose JSON did not close within max_tokens: finish `length`, empty content and
+    tool_calls null (OpenAI's and vLLM's answer), not a call with cut arguments."""
+    for max_tokens in (1, 5):
+        r = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+            "messages": CHAT, "tools": TOOLS, "tool_choice": choice, "max_tokens": max_tokens, "temperature": 0})
+        (ch,) = r.json()["choices"]
+        assert ch["finish_reason"] == "length" and ch["message"]["content"] == ""
+        assert ch["message"]["tool_calls"] is None
+
+
+def test_a_forced_call_whose_json_closed_at_the_limit_is_still_a_call() -> None:
+    """The grammar's last token can come exactly at max_tokens (finish `length`, before the stop token): the JSON
+    is whole, so the call stands."""
+    named = ToolOutput.for_plan(plan(TOOLS, {"type": "function", "function": {"name": "weather"}}, None), "hermes")
+    required = ToolOutput.for_plan(plan(TOOLS, "required", None), "hermes")
+    assert named is not None and required is not None
+    args = '{"city": "Paris", "metric": true}'
+    content, calls = named.final(args, "length")
+    assert content is None and [c["function"]["arguments"] for c in calls] == [args]
+    content, calls = required.final(f'[{{"name": "weather", "parameters": {args}}}]', "length")
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == json.loads(args)
+    assert named.final(args[:-1], "length") == ("", None) == required.final('[{"name": "weath', "length")
+
+
 @pytest.mark.parametrize("body,param", [
+    ({"tools": []}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
