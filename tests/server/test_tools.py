@@ -106,6 +106,23 @@ def test_auto_tool_choice_parses_hermes_calls(client: openai.OpenAI, model: str,
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
 
+def test_parallel_hermes_calls_are_indexed_whole_and_streamed(client: openai.OpenAI, model: str) -> None:
+    """Two calls in one output (forced with a regex): two tool_calls in order, and the stream sends each under its
+    own index, its id and name once."""
+    two = HERMES + r"\n" + HERMES.replace("weather", "clock").replace(
+        r'"city": "(Paris|Rome)", "metric": (true|false)', r'"zone": "(UTC|CET)"')
+    args = dict(model=model, messages=CHAT, tools=TOOLS, max_tokens=256, temperature=0,
+                extra_body={"structured_outputs": {"regex": two}})
+    ch = client.chat.completions.create(**args).choices[0]
+    assert ch.finish_reason == "tool_calls"
+    assert [c.function.name for c in ch.message.tool_calls] == ["weather", "clock"]
+    assert len({c.id for c in ch.message.tool_calls}) == 2
+    calls, reasons = _streamed_calls(list(client.chat.completions.create(**args, stream=True)))
+    assert reasons == ["tool_calls"] and sorted(calls) == [0, 1]
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in (0, 1)] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls]
+
+
 def test_auto_without_calls_is_content_and_none_parses_nothing(client: openai.OpenAI, model: str) -> None:
     plain = client.chat.completions.create(model=model, messages=CHAT, tools=TOOLS, max_tokens=12, temperature=0)
     assert plain.choices[0].finish_reason in ("stop", "length") and not plain.choices[0].message.tool_calls
