@@ -165,9 +165,9 @@ class ToolOutput:
         """(content, tool_calls) of a whole output in OpenAI's shape, [] when it made no call. A forced choice
         (required, named) that ran out of tokens before its JSON closed made no call, only a cut one: empty content
         and tool_calls None, as OpenAI and vLLM answer."""
-        content, calls = self.parse(text)
         if finish_reason == "length" and self.plan.choice in ("required", "named") and not _whole_json(text):
             return "", None
+        content, calls = self.parse(text)
         return content, [_openai_call(c, _call_id()) for c in calls]
 
     # ---- streaming ----

@@ -149,10 +149,10 @@ class RoundResult:
     """What a finished round did: its Outcome, and the acceptance figures `auto` learns from."""
 
     outcome: Outcome
+    kept: int  # every draft kept, forced ones too: the round's token stands at block[kept + 1]
     accepted: int  # the model's drafts kept (the grammar's forced ones left out, as in the counters)
     drafted: int  # the model's drafts checked
     draft_forwards: int
-    kept: int = 0  # every draft kept, forced ones too: the round's token stands at block[kept + 1]
 
 
 class SelfSpec(Decoder):
@@ -331,4 +331,4 @@ class SelfSpec(Decoder):
         if f:
             counters[GRAMMAR_FORCED_TOKENS] = f
         out = emit_tokens(tokens, raw[: c + 1], seq, ctx, num_kv_kept=c + 1, counters=counters)
-        return RoundResult(out, c - f, k - st.forced, st.draft_forwards, kept=c)
+        return RoundResult(out, c, c - f, k - st.forced, st.draft_forwards)
